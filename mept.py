@@ -1,0 +1,441 @@
+"""
+MEPT: Mixture of Expert Prompt Tuning as a Manifold Mapper (Zeng et al., EMNLP 2025,
+arXiv 2509.00996), in one file you can read top to bottom.
+
+A pretrained transformer stays frozen. P prompt *slots* sit in its input sequence. At the
+entrance of every chosen block l there is a pool of E prompt *experts* (each P x D) and a
+linear *router*: it reads the block's hidden states of the real tokens, picks the top-K
+experts for this input, mixes them (plus an always-on shared expert) and writes the mixture
+into the P slots. Different inputs take different experts at different depths: a pathway.
+Only experts, routers and (where the backbone needs one) a task head are trained.
+
+Shape legend (used everywhere below):
+    B batch   T real tokens   L blocks   E n_experts   K top_k   P prompt_len   D d_model
+Glossary:  ours             PEFT                   official MEPT code
+           prompt_len       num_virtual_tokens     num_virtual_tokens
+           n_experts        -                      n_routes
+           top_k            -                      topk
+           d_model          token_dim              d_model
+           layers           num_layers (count)     layers
+"""
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+# -----------------------------------------------------------------------------
+# Step 0: configuration, one dataclass
+
+
+@dataclass
+class MEPTConfig:
+    n_experts: int = 4  # E: experts in each layer's pool (paper default 4)
+    prompt_len: int = 10  # P: prompt slots in the sequence (paper default 10)
+    top_k: int = 1  # K: experts mixed per input and layer (paper default 1)
+    layers: Optional[list] = None  # blocks that route; None = every block; must contain 0
+    router_noise: float = 1.0  # sigma of the multiplicative router noise, training only (SMoP)
+    shared_expert: bool = True  # an always-on, zero-initialised expert added to the mixture
+    balance_coef: float = 0.0  # weight of the optional load-balancing loss (beyond the paper)
+    init: str = "vocab"  # "vocab": sampled embedding rows (Lester et al.); "random": N(0, 1)
+
+    def __post_init__(self):
+        if self.n_experts < 1:
+            raise ValueError(f"n_experts must be at least 1, got {self.n_experts}.")
+        if not 1 <= self.top_k <= self.n_experts:
+            raise ValueError(f"top_k must be in 1..n_experts, got {self.top_k} with n_experts={self.n_experts}.")
+        if self.prompt_len < 1:
+            raise ValueError(f"prompt_len must be at least 1, got {self.prompt_len}.")
+        if self.router_noise < 0:
+            raise ValueError(f"router_noise must be >= 0 (0 turns it off), got {self.router_noise}.")
+        if self.balance_coef < 0:
+            raise ValueError(f"balance_coef must be >= 0 (0 turns it off), got {self.balance_coef}.")
+        if self.init not in ("vocab", "random"):
+            raise ValueError(f"init must be 'vocab' or 'random', got {self.init!r}.")
+        if self.layers is not None:
+            self.layers = sorted(set(int(l) for l in self.layers))
+            if 0 not in self.layers:
+                # block 0's prompt is the one inserted into the input: without it there are no slots
+                raise ValueError(f"layers must include block 0, where the prompt slots are inserted; got {self.layers}.")
+
+    @classmethod
+    def preset(cls, name, **overrides):
+        """The paper's baselines are special cases of MEPT (method.md, 'presets')."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}.")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+PRESETS = {
+    "prompt_tuning": dict(layers=[0], n_experts=1, top_k=1, shared_expert=False),  # Lester et al. 2021
+    "smop": dict(layers=[0], n_experts=4, top_k=1, shared_expert=False),  # Choi et al. 2023
+    "deep_prompt": dict(layers=None, n_experts=1, top_k=1, shared_expert=False),  # VPT-deep / P-tuning v2
+    "mept": dict(layers=None, n_experts=4, top_k=1, shared_expert=True),  # this paper
+}
+
+# -----------------------------------------------------------------------------
+# Step 1: the router reads the real tokens and scores the experts
+
+
+class Routing(NamedTuple):
+    expert_idx: torch.Tensor  # (B, K) long: the chosen experts
+    probs: torch.Tensor  # (B, E): the router's softmax over all experts
+
+
+def masked_mean(hidden, mask):
+    """Mean over the real tokens only: padding never moves the router (official bug 2)."""
+    mask = mask.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B, D)
+
+
+class Router(nn.Module):
+    def __init__(self, d_model, n_experts, top_k, noise):
+        super().__init__()
+        self.proj = nn.Linear(d_model, n_experts, bias=False)  # W_l: (E, D)
+        nn.init.orthogonal_(self.proj.weight)  # orthogonal rows: experts start equally reachable
+        self.top_k, self.noise = top_k, noise
+
+    def forward(self, hidden, mask):
+        # parameter-free LayerNorm, so routers at every depth see inputs on one scale
+        normed = F.layer_norm(hidden.float(), hidden.shape[-1:])  # (B, T, D)
+        summary = masked_mean(normed, mask)  # (B, D)
+        logits = self.proj(summary.to(self.proj.weight.dtype))  # (B, E)
+        if self.training and self.noise > 0:
+            # multiplicative noise (SMoP): logits * (1 + sigma * eps); scale from the detached logits
+            logits = logits + self.noise * torch.randn_like(logits) * logits.detach()  # (B, E)
+        probs = logits.float().softmax(-1)  # (B, E)
+        # the gate is the chosen expert's softmax probability, NOT renormalised over the K:
+        # with K = 1 a renormalised gate would be exactly 1 and the router would get no gradient
+        gate, expert_idx = probs.topk(self.top_k, dim=-1)  # (B, K), (B, K)
+        return gate, Routing(expert_idx, probs)
+
+
+# -----------------------------------------------------------------------------
+# Step 2: the batched top-k gather
+
+
+def gather_experts(expert_pool, expert_idx, gate):
+    """mixed[b] = sum_k gate[b, k] * expert_pool[expert_idx[b, k]], for all b and k at once.
+
+    expert_pool (E, P, D), expert_idx (B, K) long, gate (B, K) float -> mixed_prompt (B, P, D).
+
+    View the pool as E*P rows of length D: row e*P + p is slot p of expert e. Then the
+    rows an example needs are expert_idx * P + [0, 1, ..., P-1], and ONE index_select fetches
+    the rows of every example and every k; ONE batched matmul weights them by the gates and
+    sums over k. The same code serves K = 1 and K > 1, and no Python loop runs over B or K.
+
+    Worked by hand: E=3, P=2, so the flat rows are [e0p0, e0p1, e1p0, e1p1, e2p0, e2p1].
+      expert_idx = [[2, 0]], gate = [[0.7, 0.2]]          (B=1, K=2)
+      rows       = [[2, 0]] * 2 + [0, 1] -> [[[4, 5], [0, 1]]]   (1, 2, 2)
+      picked     = flat[rows] = [[[e2p0, e2p1], [e0p0, e0p1]]]    (1, 2, 2, D)
+      mixed[0]   = 0.7 * [e2p0, e2p1] + 0.2 * [e0p0, e0p1]        (1, 2, D)
+    Oracle: test_gather_matches_per_example_loop compares this with a double loop.
+
+    Why it is fast: the work is B*K*P*D copies plus one small matmul, whatever E is; a dense
+    mixture (scatter the gates into (B, E), then w @ pool) does B*E*P*D multiply-adds, and a
+    per-example loop launches B*K tiny ops. On a GPU the gather is one kernel instead of B*K
+    launches; dense matmul stays competitive only while E is small (E=4..8), where the
+    multiply-adds cost about as much as the copies.
+    """
+    n_experts, prompt_len, d_model = expert_pool.shape  # E, P, D
+    batch, top_k = expert_idx.shape  # B, K
+    flat_pool = expert_pool.reshape(n_experts * prompt_len, d_model)  # (E*P, D)
+    slot = torch.arange(prompt_len, device=expert_idx.device)  # (P,)
+    # rows = expert_idx * P + slot, as one fused op (slot + P * idx); broadcast (P,) with (B, K, 1)
+    rows = torch.add(slot, expert_idx.unsqueeze(-1), alpha=prompt_len)  # (B, K, P): flat row of (expert, slot)
+    picked = flat_pool.index_select(0, rows.reshape(-1))  # (B*K*P, D)
+    picked = picked.view(batch, top_k, prompt_len * d_model)  # (B, K, P*D)
+    mixed = torch.bmm(gate.to(picked.dtype).unsqueeze(1), picked)  # (B, 1, K) @ (B, K, P*D) -> (B, 1, P*D)
+    return mixed.view(batch, prompt_len, d_model)  # (B, P, D)
+
+
+# -----------------------------------------------------------------------------
+# Step 3: one layer's expert pool: route, gather, add the shared expert
+
+
+class ExpertPrompts(nn.Module):
+    def __init__(self, config, d_model, init_rows):
+        super().__init__()
+        E, P = config.n_experts, config.prompt_len
+        self.expert_pool = nn.Parameter(init_rows.reshape(E, P, d_model).clone())  # (E, P, D)
+        self.router = Router(d_model, E, config.top_k, config.router_noise)
+        # zero init: at step 0 the shared expert changes nothing, it learns what all inputs share
+        self.shared = nn.Parameter(torch.zeros(1, P, d_model)) if config.shared_expert else None  # (1, P, D)
+
+    def forward(self, hidden, mask):
+        gate, routing = self.router(hidden, mask)  # (B, K), Routing
+        mixed_prompt = gather_experts(self.expert_pool, routing.expert_idx, gate)  # (B, P, D)
+        if self.shared is not None:
+            mixed_prompt = mixed_prompt + self.shared  # (B, P, D)
+        return mixed_prompt, routing
+
+
+def load_balancing_loss(routing, n_experts):
+    """Switch-Transformer balance term E * sum_e f_e * P_e; 1 for a uniform load, E when collapsed.
+
+    f_e: share of the B*K assignments sent to expert e (not differentiable);
+    P_e: mean router probability of e over the batch (carries the gradient).
+    """
+    counts = torch.zeros(n_experts, device=routing.probs.device)  # (E,)
+    counts.scatter_add_(0, routing.expert_idx.reshape(-1), torch.ones(routing.expert_idx.numel(), device=counts.device))
+    share = counts / routing.expert_idx.numel()  # (E,) f_e
+    mean_prob = routing.probs.float().mean(0)  # (E,) P_e
+    return n_experts * (share * mean_prob).sum()
+
+
+# -----------------------------------------------------------------------------
+# Step 4: finding the blocks of any Hugging Face backbone, from the model itself
+
+
+def find_blocks(backbone):
+    """The transformer blocks that the prompt slots travel through.
+
+    No test on the model's name: in an encoder-decoder (T5) we look inside `get_encoder()`,
+    otherwise in the whole model, for the nn.ModuleList of identical modules that holds the
+    most parameters: T5's encoder.block, BERT's encoder.layer, GPT-2's h, Llama's layers.
+    """
+    root = backbone.get_encoder() if getattr(backbone.config, "is_encoder_decoder", False) else backbone
+    candidates = [m for m in root.modules() if isinstance(m, nn.ModuleList) and len(m) > 0
+                  and len({type(b) for b in m}) == 1]
+    if not candidates:
+        raise ValueError(f"could not find a list of transformer blocks in {type(backbone).__name__}; "
+                         "MEPT needs a model whose blocks sit in an nn.ModuleList.")
+    return max(candidates, key=lambda m: sum(p.numel() for p in m.parameters()))
+
+
+def is_causal(blocks):
+    """Decoder-only stacks mark their self-attention as causal (Llama, GPT-2, Qwen, ...)."""
+    return any(getattr(m, "is_causal", False) is True for m in blocks[0].modules())
+
+
+# -----------------------------------------------------------------------------
+# Step 5: MEPT, the frozen backbone with prompt experts at the entrance of its blocks
+
+
+class MEPT(nn.Module):
+    def __init__(self, backbone, config=None):
+        super().__init__()
+        self.config = config = config or MEPTConfig()
+        self.backbone = backbone
+        self._was_trainable = {n: p.requires_grad for n, p in backbone.named_parameters()}
+        backbone.requires_grad_(False)  # the pretrained manifold stays fixed
+
+        self.blocks = find_blocks(backbone)
+        self.n_blocks = len(self.blocks)
+        self.layers = config.layers if config.layers is not None else list(range(self.n_blocks))
+        if self.layers[-1] >= self.n_blocks:
+            raise ValueError(f"layers {self.layers} go beyond the model's {self.n_blocks} blocks (0..{self.n_blocks - 1}).")
+        self.is_encoder_decoder = bool(getattr(backbone.config, "is_encoder_decoder", False))
+        self.is_causal = not self.is_encoder_decoder and is_causal(self.blocks)
+        # method.md, "Where the slots sit": right after [CLS] in a bidirectional encoder whose head
+        # reads position 0; leading the sequence in seq2seq and decoder-only models
+        self.slot_offset = 0 if (self.is_encoder_decoder or self.is_causal) else 1
+
+        embed = backbone.get_input_embeddings()
+        d_model = embed.weight.shape[1]
+        scales = self._hidden_scales(embed) if config.init == "vocab" else {}
+        self.prompts = nn.ModuleDict()
+        for layer in self.layers:
+            rows = self._init_rows(embed.weight, config.n_experts * config.prompt_len)  # (E*P, D)
+            rows = rows * scales.get(layer, 1.0)
+            self.prompts[str(layer)] = ExpertPrompts(config, d_model, rows)
+
+        # block 0 is routed in forward(); every later block routes in a removable pre-hook
+        self._handles = [self.blocks[l].register_forward_pre_hook(self._make_hook(l), with_kwargs=True)
+                         for l in self.layers if l > 0]
+        self._token_mask = None  # (B, T) real-token mask of the forward pass in progress
+        self.routing, self.aux_loss = {}, torch.zeros(())
+
+    # --- initialisation ------------------------------------------------------
+    def _init_rows(self, vocab, n_rows):
+        if self.config.init == "random":
+            return torch.randn(n_rows, vocab.shape[1])  # (E*P, D): N(0, 1), far off the manifold
+        pick = torch.randint(0, vocab.shape[0], (n_rows,))  # (E*P,)
+        return vocab.detach()[pick].float().cpu()  # (E*P, D): sampled vocabulary rows (Lester et al.)
+
+    @torch.no_grad()
+    def _hidden_scales(self, embed):
+        """Per block: (typical hidden row norm at its entrance) / (typical embedding row norm).
+
+        In a post-LN encoder (BERT, MiniLM) hidden rows have norm ~10-20 but embedding rows ~1,
+        so deep experts sampled from the vocabulary would start an order of magnitude too small.
+        One probe forward on random tokens measures each block's input scale; experts of block
+        l > 0 are rescaled to it. Block 0's prompt is inserted as an embedding, so it keeps 1.
+        """
+        norms, handles = {}, []
+        for l in self.layers:
+            if l > 0:
+                hook = lambda m, a, k, l=l: norms.__setitem__(l, (a[0] if a else k["hidden_states"]).float().norm(dim=-1).median())
+                handles.append(self.blocks[l].register_forward_pre_hook(hook, with_kwargs=True))
+        # the bare stack (BertModel, T5Stack, LlamaModel): no head, no labels, no pad-token rules
+        runner = self.backbone.get_encoder() if self.is_encoder_decoder else self.backbone.base_model
+        was_training = runner.training
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, embed.weight.shape[0], (2, 16), generator=g).to(embed.weight.device)  # (2, 16)
+        try:
+            runner.eval()
+            runner(input_ids=ids, attention_mask=torch.ones_like(ids))
+        finally:
+            runner.train(was_training)
+            for h in handles:
+                h.remove()
+        vocab_norm = embed.weight.float().norm(dim=-1).median()
+        return {l: (n / vocab_norm).item() for l, n in norms.items()}
+
+    # --- the forward pass -----------------------------------------------------
+    def _insert(self, seq, slots):
+        """[seq[:, :s], slots, seq[:, s:]]: P slots at offset s (works for embeddings and masks)."""
+        s = self.slot_offset
+        return torch.cat([seq[:, :s], slots, seq[:, s:]], dim=1)  # (B, P+T, ...)
+
+    def _route(self, layer, hidden_tokens):
+        mixed_prompt, routing = self.prompts[str(layer)](hidden_tokens, self._token_mask)  # (B, P, D)
+        self.routing[layer] = routing
+        return mixed_prompt.to(hidden_tokens.dtype)  # (B, P, D) in the backbone's dtype
+
+    def _make_hook(self, layer):
+        P, s = self.config.prompt_len, self.slot_offset
+
+        def hook(block, args, kwargs):
+            if self._token_mask is None:
+                return None  # the backbone was called on its own, not through MEPT: leave it alone
+            hidden = args[0] if args else kwargs["hidden_states"]  # (B, P+T, D)
+            tokens = torch.cat([hidden[:, :s], hidden[:, s + P:]], dim=1)  # (B, T, D): real tokens only
+            mixed_prompt = self._route(layer, tokens)  # (B, P, D)
+            # replace the slots, never concatenate: length, masks and T5's position bias stay valid
+            hidden = torch.cat([hidden[:, :s], mixed_prompt, hidden[:, s + P:]], dim=1)  # (B, P+T, D)
+            if args:
+                return (hidden, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": hidden}
+
+        return hook
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)  # (B, T)
+        B, P = input_ids.shape[0], self.config.prompt_len
+        embeds = self.backbone.get_input_embeddings()(input_ids)  # (B, T, D)
+        self.routing = {}
+        self._token_mask = attention_mask
+        try:
+            mixed_prompt = self._route(0, embeds)  # (B, P, D): block 0 routes on the embeddings
+            inputs_embeds = self._insert(embeds, mixed_prompt)  # (B, P+T, D)
+            ones = attention_mask.new_ones(B, P)  # (B, P): every token may attend to the slots
+            mask = self._insert(attention_mask, ones)  # (B, P+T)
+            if kwargs.get("token_type_ids") is not None:
+                kwargs["token_type_ids"] = self._insert(kwargs["token_type_ids"], kwargs["token_type_ids"].new_zeros(B, P))
+            out = self.backbone(inputs_embeds=inputs_embeds, attention_mask=mask, **kwargs)
+        finally:
+            self._token_mask = None
+        self.aux_loss = embeds.new_zeros((), dtype=torch.float32)  # scalar: the balance term is off
+        if self.config.balance_coef > 0:
+            losses = [load_balancing_loss(r, self.config.n_experts) for r in self.routing.values()]
+            self.aux_loss = self.config.balance_coef * torch.stack(losses).mean()  # scalar
+        return out
+
+    # --- bookkeeping: parameters, saving, loading, detaching ---------------------------
+    def trainable_parameters_line(self):
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+
+    def prompt_param_counts(self):
+        """method.md 'Counting activated prompts'. Stored per layer: E*P*D (+P*D shared);
+        activated per example and layer: K*P*D (+P*D shared). The reduction compares the
+        activated count with a deep prompt of the same stored size (all of it always active)."""
+        c, D, n = self.config, self.backbone.get_input_embeddings().weight.shape[1], len(self.layers)
+        shared = c.prompt_len * D if c.shared_expert else 0
+        stored = n * (c.n_experts * c.prompt_len * D + shared)
+        activated = n * (c.top_k * c.prompt_len * D + shared)
+        return dict(stored=stored, activated=activated, deep_prompt_same_storage=stored,
+                    activated_share=activated / stored, reduction_vs_deep_prompt=1 - activated / stored)
+
+    def save_pretrained(self, directory):
+        """Only what trains: every parameter with requires_grad (prompts, routers, any head), as
+        safetensors, plus the config as JSON. Written to temporary names, then renamed."""
+        os.makedirs(directory, exist_ok=True)
+        tensors = {n: p.detach().contiguous().cpu() for n, p in self.named_parameters() if p.requires_grad}
+        save_file(tensors, os.path.join(directory, "mept_model.safetensors.tmp"))
+        with open(os.path.join(directory, "mept_config.json.tmp"), "w") as f:
+            json.dump(asdict(self.config), f, indent=2)
+        for name in ("mept_model.safetensors", "mept_config.json"):
+            os.replace(os.path.join(directory, name + ".tmp"), os.path.join(directory, name))
+
+    @classmethod
+    def from_pretrained(cls, backbone, directory):
+        with open(os.path.join(directory, "mept_config.json")) as f:
+            model = cls(backbone, MEPTConfig(**json.load(f)))
+        tensors = load_file(os.path.join(directory, "mept_model.safetensors"))
+        params = dict(model.named_parameters())
+        unknown = sorted(set(tensors) - set(params))
+        if unknown:
+            raise ValueError(f"checkpoint in {directory} holds weights this model lacks: {unknown[:3]}; "
+                             "load it onto the same kind of backbone it was trained on.")
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                params[name].copy_(tensor)
+                params[name].requires_grad_(True)  # it was trainable when saved (e.g. a head)
+        return model
+
+    def remove(self):
+        """Take every hook out and give the backbone back exactly as it was."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        for name, p in self.backbone.named_parameters():
+            p.requires_grad_(self._was_trainable[name])
+        return self.backbone
+
+
+# -----------------------------------------------------------------------------
+# `python mept.py`: a small demo, then the gather benchmark (medians of interleaved repeats)
+
+if __name__ == "__main__":
+    import time
+
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    bert = BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=3,
+                                                    num_attention_heads=4, intermediate_size=64, num_labels=3))
+    model = MEPT(bert, MEPTConfig(n_experts=4, prompt_len=5, top_k=2)).eval()
+    print(model.trainable_parameters_line())
+    out = model(torch.randint(0, 100, (2, 7)), torch.ones(2, 7, dtype=torch.long))
+    print("logits", tuple(out.logits.shape), "| expert_idx per block:",
+          {l: r.expert_idx.tolist() for l, r in model.routing.items()})
+
+    def loop_gather(pool, idx, gate):  # the oracle: one tiny op per (b, k)
+        return torch.stack([sum(gate[b, k] * pool[idx[b, k]] for k in range(idx.shape[1])) for b in range(idx.shape[0])])
+
+    def dense_mixture(pool, idx, gate):  # scatter the gates into (B, E), then w @ pool
+        w = torch.zeros(idx.shape[0], pool.shape[0], dtype=gate.dtype).scatter(1, idx, gate)  # (B, E)
+        return (w @ pool.flatten(1)).view(idx.shape[0], *pool.shape[1:])  # (B, P, D)
+
+    def timed(fn, pool, idx, gate, backward):
+        start = time.perf_counter()
+        out = fn(pool, idx, gate)
+        if backward:
+            out.sum().backward()
+        return time.perf_counter() - start
+
+    torch.set_num_threads(1)
+    B, P, D, repeats = 32, 10, 768, 30
+    print(f"\ngather benchmark, 1 CPU thread, B={B} P={P} D={D}, median of {repeats} interleaved repeats")
+    for E, K in [(8, 2), (64, 1)]:
+        pool = torch.randn(E, P, D, requires_grad=True)
+        gate = torch.rand(B, K, requires_grad=True)
+        idx = torch.stack([torch.randperm(E)[:K] for _ in range(B)])  # (B, K), distinct experts per row
+        for backward in (False, True):
+            times = {name: [] for name in ("gather", "loop", "dense")}
+            for _ in range(repeats):  # interleaved, so a noisy moment hurts every method alike
+                for name, fn in (("gather", gather_experts), ("loop", loop_gather), ("dense", dense_mixture)):
+                    times[name].append(timed(fn, pool, idx, gate, backward))
+            med = {n: sorted(t)[len(t) // 2] * 1e6 for n, t in times.items()}
+            print(f"E={E:2d} K={K} {'fwd+bwd' if backward else 'fwd    '}: gather {med['gather']:7.0f} us | "
+                  f"loop {med['loop']:7.0f} us ({med['loop'] / med['gather']:4.1f}x) | "
+                  f"dense {med['dense']:7.0f} us ({med['dense'] / med['gather']:4.2f}x)")

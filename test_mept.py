@@ -1,0 +1,452 @@
+"""The paper's claims and mept.py's contracts, as checks that run in seconds on a CPU.
+
+Tiny random backbones built from configs (no network). Sizes are pairwise distinct so that a
+swapped axis fails loudly: B=5 batch, T=7 tokens, E=4 experts, K=2, P=3 slots, D=24, 3 blocks.
+"""
+
+import pytest
+import torch
+from transformers import (BertConfig, BertModel, GPT2Config, GPT2Model, LlamaConfig, LlamaModel,
+                          RobertaConfig, RobertaModel, T5Config, T5ForConditionalGeneration)
+
+from mept import MEPT, PRESETS, MEPTConfig, Routing, gather_experts, load_balancing_loss
+
+B, T, E, K, P, D, N_BLOCKS, VOCAB = 5, 7, 4, 2, 3, 24, 3, 50
+FAMILIES = ["t5", "bert", "roberta", "gpt2", "llama"]
+
+
+def tiny_backbone(family, attn="sdpa"):
+    """A randomly initialised model of each family; dropout off so outputs are comparable."""
+    torch.manual_seed(0)
+    if family == "t5":
+        cfg = T5Config(vocab_size=VOCAB, d_model=D, d_kv=12, d_ff=40, num_layers=N_BLOCKS, num_decoder_layers=2,
+                       num_heads=2, relative_attention_num_buckets=8, decoder_start_token_id=0, dropout_rate=0.0)
+        return T5ForConditionalGeneration._from_config(cfg, attn_implementation=attn).eval()
+    if family in ("bert", "roberta"):
+        kind, cls = (BertConfig, BertModel) if family == "bert" else (RobertaConfig, RobertaModel)
+        cfg = kind(vocab_size=VOCAB, hidden_size=D, num_hidden_layers=N_BLOCKS, num_attention_heads=2,
+                   intermediate_size=40, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                   attention_probs_dropout_prob=0.0)
+        return cls._from_config(cfg, attn_implementation=attn).eval()
+    if family == "gpt2":
+        cfg = GPT2Config(vocab_size=VOCAB, n_embd=D, n_layer=N_BLOCKS, n_head=2, n_positions=64,
+                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        return GPT2Model._from_config(cfg, attn_implementation=attn).eval()
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=D, num_hidden_layers=N_BLOCKS, num_attention_heads=2,
+                      num_key_value_heads=1, intermediate_size=40, max_position_embeddings=64)
+    return LlamaModel._from_config(cfg, attn_implementation=attn).eval()
+
+
+def run(model, family, ids, mask, **kwargs):
+    """The tensor each family's head would read: T5's encoder output, else the last hidden state."""
+    if family == "t5":
+        out = model(ids, mask, decoder_input_ids=torch.zeros(ids.shape[0], 2, dtype=torch.long), **kwargs)
+        return out.encoder_last_hidden_state  # (B, P+T, D)
+    return model(ids, mask, **kwargs).last_hidden_state  # (B, P+T, D)
+
+
+def mept(family, seed=0, **cfg):
+    backbone = tiny_backbone(family)
+    torch.manual_seed(seed)
+    settings = dict(n_experts=E, prompt_len=P, top_k=K) | cfg
+    return MEPT(backbone, MEPTConfig(**settings)).eval()
+
+
+def batch(seed=1, b=B, t=T):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (b, t), generator=g), torch.ones(b, t, dtype=torch.long)  # (B, T), (B, T)
+
+
+# -----------------------------------------------------------------------------
+# 1-2. The gather against its oracles
+
+
+@pytest.mark.parametrize("b,k", [(B, 1), (B, K), (1, 1), (1, K)])
+def test_gather_matches_per_example_loop(b, k):
+    """method.md step 2e: mixed[b] = sum_k gate[b,k] * pool[idx[b,k]], values and gradients."""
+    torch.manual_seed(0)
+    pool = torch.randn(E, P, D, dtype=torch.float64, requires_grad=True)  # (E, P, D)
+    gate = torch.rand(b, k, dtype=torch.float64, requires_grad=True)  # (B, K)
+    idx = torch.stack([torch.randperm(E)[:k] for _ in range(b)])  # (B, K)
+    fast = gather_experts(pool, idx, gate)
+    slow = torch.stack([sum(gate[i, j] * pool[idx[i, j]] for j in range(k)) for i in range(b)])
+    assert fast.shape == (b, P, D), f"mixed prompt should be (B, P, D), got {tuple(fast.shape)}"
+    torch.testing.assert_close(fast, slow, msg="gather differs from the per-example loop")
+    weights = torch.randn(b, P, D, dtype=torch.float64)  # a random upstream gradient
+    grads_fast = torch.autograd.grad((fast * weights).sum(), (pool, gate))
+    grads_slow = torch.autograd.grad((slow * weights).sum(), (pool, gate))
+    for name, gf, gs in zip(("pool", "gate"), grads_fast, grads_slow):
+        torch.testing.assert_close(gf, gs, msg=f"gradient w.r.t. {name} differs from the loop's")
+
+
+def test_gather_handles_repeated_experts_in_a_batch():
+    """Two examples picking the same expert each get it whole (official top-1 bug: they got the sum)."""
+    pool = torch.randn(E, P, D)
+    idx, gate = torch.tensor([[2], [2], [0]]), torch.ones(3, 1)
+    mixed = gather_experts(pool, idx, gate)
+    torch.testing.assert_close(mixed, pool[[2, 2, 0]], msg="each example must get exactly its own expert")
+
+
+def test_top_k_equal_to_n_experts_is_the_dense_softmax_mixture():
+    """With K = E nothing is dropped: the mixture is sum_e softmax(logits)_e * pool_e."""
+    model = mept("bert", top_k=E, shared_expert=False)
+    ids, mask = batch()
+    run(model, "bert", ids, mask)
+    layer = model.prompts["0"]
+    embeds = model.backbone.get_input_embeddings()(ids)
+    mixed, routing = layer(embeds, mask)
+    dense = torch.einsum("be,epd->bpd", routing.probs, layer.expert_pool)  # (B, P, D)
+    torch.testing.assert_close(mixed, dense, msg="top_k == n_experts should equal the dense mixture")
+
+
+# -----------------------------------------------------------------------------
+# 3. The baselines are special cases
+
+
+def manual_deep_prompt(backbone, prompts, ids, mask, offset):
+    """An independent deep prompt: insert prompts[0] after `offset` tokens, overwrite at later blocks."""
+    emb = backbone.get_input_embeddings()(ids)  # (B, T, D)
+    n = ids.shape[0]
+    first = prompts[0].expand(n, -1, -1)  # (B, P, D)
+    embeds = torch.cat([emb[:, :offset], first, emb[:, offset:]], 1)  # (B, P+T, D)
+    full_mask = torch.cat([mask[:, :offset], torch.ones(n, P, dtype=mask.dtype), mask[:, offset:]], 1)
+    blocks = backbone.encoder.layer if hasattr(backbone, "encoder") else backbone.layers
+    handles = []
+    for l, prompt in list(enumerate(prompts))[1:]:
+        def hook(module, args, kwargs, prompt=prompt):
+            h = args[0].clone()
+            h[:, offset:offset + P] = prompt
+            return (h, *args[1:]), kwargs
+        handles.append(blocks[l].register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        return backbone(inputs_embeds=embeds, attention_mask=full_mask).last_hidden_state
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_one_expert_is_deep_prompt_tuning(family):
+    """n_experts = 1, no shared expert: the gate is softmax of one logit = 1, so MEPT is a deep prompt."""
+    model = mept(family, **PRESETS["deep_prompt"], prompt_len=P)
+    ids, mask = batch()
+    ours = run(model, family, ids, mask)
+    prompts = [model.prompts[str(l)].expert_pool[0] for l in range(N_BLOCKS)]
+    oracle = manual_deep_prompt(model.backbone, prompts, ids, mask, model.slot_offset)
+    torch.testing.assert_close(ours, oracle, msg="n_experts=1 should be plain deep prompt tuning")
+
+
+def test_input_layer_only_is_prompt_tuning():
+    """layers=[0], one expert: a single soft prompt at the input (Lester et al. 2021), nothing deeper."""
+    model = mept("llama", **PRESETS["prompt_tuning"], prompt_len=P)
+    assert len(model._handles) == 0, "input-only prompt tuning must install no block hooks"
+    ids, mask = batch()
+    ours = run(model, "llama", ids, mask)
+    oracle = manual_deep_prompt(model.backbone, [model.prompts["0"].expert_pool[0]], ids, mask, 0)
+    torch.testing.assert_close(ours, oracle, msg="layers=[0] should be input-level prompt tuning")
+
+
+# -----------------------------------------------------------------------------
+# 4-5. Batch independence and padding invariance (official bugs 1 and 2)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_eval_output_does_not_depend_on_batch_mates(family):
+    """The official top-1 code summed the experts of the whole batch; ours routes each example alone."""
+    model = mept(family, top_k=1)
+    ids, mask = batch()
+    together = run(model, family, ids, mask)
+    idx_together = model.routing[N_BLOCKS - 1].expert_idx
+    for i in range(B):
+        alone = run(model, family, ids[i:i + 1], mask[i:i + 1])
+        torch.testing.assert_close(alone[0], together[i], atol=1e-5, rtol=1e-4,
+                                   msg=f"example {i}'s output changed with its batch mates")
+        assert torch.equal(model.routing[N_BLOCKS - 1].expert_idx[0], idx_together[i]), "routing changed"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_padding_changes_neither_routing_nor_output(family):
+    """The router averages real tokens only; right padding must not move a single decision."""
+    model = mept(family)
+    ids, mask = batch(b=1, t=T)
+    plain = run(model, family, ids, mask)
+    routing_plain = {l: r.probs.clone() for l, r in model.routing.items()}
+    for extra in (2, 6):
+        ids_pad = torch.cat([ids, torch.zeros(1, extra, dtype=torch.long)], 1)  # (1, T+extra)
+        mask_pad = torch.cat([mask, torch.zeros(1, extra, dtype=torch.long)], 1)
+        padded = run(model, family, ids_pad, mask_pad)
+        for l, probs in routing_plain.items():
+            torch.testing.assert_close(model.routing[l].probs, probs, msg=f"padding moved the router at block {l}")
+        torch.testing.assert_close(padded[:, : P + T], plain, atol=1e-5, rtol=1e-4,
+                                   msg=f"padding by {extra} changed the output")
+
+
+# -----------------------------------------------------------------------------
+# 6. What trains and what stays frozen
+
+
+def test_backbone_is_frozen_and_unchanged_after_an_optimiser_step():
+    """Only experts and routers train; the pretrained manifold is never bent."""
+    model = mept("t5").train()
+    before = {n: p.clone() for n, p in model.backbone.named_parameters()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-1)
+    ids, mask = batch()
+    loss = model(ids, mask, labels=torch.randint(0, VOCAB, (B, 3))).loss
+    loss.backward()
+    opt.step()
+    for n, p in model.backbone.named_parameters():
+        assert not p.requires_grad and p.grad is None, f"backbone parameter {n} was given a gradient"
+        assert torch.equal(p, before[n]), f"backbone parameter {n} changed"
+    assert all(n.startswith("prompts.") for n, p in model.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_layers_router_gets_gradient(family):
+    """The gate is the un-renormalised softmax probability, so even with K = 1 each router learns."""
+    model = mept(family, top_k=1).train()
+    ids, mask = batch()
+    run(model, family, ids, mask).pow(2).mean().backward()
+    for l in model.layers:
+        grad = model.prompts[str(l)].router.proj.weight.grad
+        assert grad is not None and grad.abs().sum() > 0, f"router of block {l} got no gradient"
+
+
+def test_single_example_top1_updates_exactly_one_expert_per_layer():
+    """MEPT: only the routed prompt of each layer is activated, so only it receives gradient."""
+    model = mept("bert", top_k=1, router_noise=0.0).train()
+    ids, mask = batch(b=1)
+    run(model, "bert", ids, mask).pow(2).mean().backward()
+    for l in model.layers:
+        grad = model.prompts[str(l)].expert_pool.grad  # (E, P, D)
+        touched = (grad.abs().sum(dim=(1, 2)) > 0).nonzero().flatten().tolist()
+        chosen = model.routing[l].expert_idx.flatten().tolist()
+        assert touched == chosen, f"block {l}: experts {touched} got gradient, but {chosen} was routed"
+
+
+# -----------------------------------------------------------------------------
+# 7. Router noise and determinism
+
+
+def test_router_noise_acts_only_in_training_and_is_seeded():
+    model = mept("bert", router_noise=1.0)
+    ids, mask = batch()
+    model.eval()
+    run(model, "bert", ids, mask)
+    eval_a = {l: r.probs.clone() for l, r in model.routing.items()}
+    run(model, "bert", ids, mask)
+    for l, probs in eval_a.items():
+        assert torch.equal(model.routing[l].probs, probs), "eval routing must be deterministic"
+    model.train()
+    torch.manual_seed(123)
+    run(model, "bert", ids, mask)
+    train_a = {l: r.probs.clone() for l, r in model.routing.items()}
+    assert any(not torch.allclose(train_a[l], eval_a[l]) for l in eval_a), "noise should act in training"
+    torch.manual_seed(123)
+    run(model, "bert", ids, mask)
+    for l, probs in train_a.items():
+        assert torch.equal(model.routing[l].probs, probs), "the same seed must give the same routing"
+
+
+def test_zero_router_noise_makes_training_routing_equal_eval_routing():
+    model = mept("bert", router_noise=0.0)
+    ids, mask = batch()
+    run(model.eval(), "bert", ids, mask)
+    eval_probs = {l: r.probs.clone() for l, r in model.routing.items()}
+    run(model.train(), "bert", ids, mask)
+    for l, probs in eval_probs.items():
+        torch.testing.assert_close(model.routing[l].probs, probs, msg="sigma=0 must turn the noise off")
+
+
+def test_different_inputs_can_take_different_pathways():
+    """The point of the paper: routing depends on the input."""
+    model = mept("bert", n_experts=8, top_k=1)
+    ids, mask = batch(b=40)
+    run(model, "bert", ids, mask)
+    assert any(len(r.expert_idx.unique()) > 1 for r in model.routing.values()), "every input took one expert"
+
+
+# -----------------------------------------------------------------------------
+# 8. Save, load, remove
+
+
+@pytest.mark.parametrize("family", ["t5", "bert"])
+def test_save_then_load_reproduces_outputs_exactly(family, tmp_path):
+    model = mept(family)
+    with torch.no_grad():  # make the trained state differ from any fresh initialisation
+        for p in model.prompts.parameters():
+            p.add_(torch.randn_like(p))
+    ids, mask = batch()
+    expected = run(model, family, ids, mask)
+    model.save_pretrained(tmp_path)
+    model.remove()
+    loaded = MEPT.from_pretrained(tiny_backbone(family), tmp_path).eval()
+    assert loaded.config == model.config, "config did not round-trip"
+    torch.testing.assert_close(run(loaded, family, ids, mask), expected, rtol=0, atol=0,
+                               msg="outputs after reload differ")
+
+
+def test_checkpoint_holds_only_trainable_weights_including_an_unfrozen_head(tmp_path):
+    from safetensors.torch import load_file
+    model = mept("bert")
+    model.backbone.pooler.requires_grad_(True)  # what train.py does with a task head
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "mept_model.safetensors")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(saved) == trainable, f"saved {sorted(set(saved) ^ trainable)} wrongly"
+    assert any(k.startswith("backbone.pooler") for k in saved), "the unfrozen head was not saved"
+
+
+@pytest.mark.parametrize("family", ["t5", "gpt2"])
+def test_remove_restores_the_backbone_exactly(family):
+    backbone = tiny_backbone(family)
+    ids, mask = batch()
+    kwargs = {"decoder_input_ids": torch.zeros(B, 2, dtype=torch.long)} if family == "t5" else {}
+    before = backbone(input_ids=ids, attention_mask=mask, **kwargs)[0]
+    flags = {n: p.requires_grad for n, p in backbone.named_parameters()}
+    model = MEPT(backbone, MEPTConfig(n_experts=E, prompt_len=P, top_k=K))
+    model(ids, mask, **kwargs)
+    returned = model.remove()
+    assert returned is backbone
+    torch.testing.assert_close(backbone(input_ids=ids, attention_mask=mask, **kwargs)[0], before, rtol=0, atol=0)
+    assert {n: p.requires_grad for n, p in backbone.named_parameters()} == flags, "requires_grad not restored"
+
+
+def test_backbone_called_directly_while_attached_is_untouched():
+    """Hooks act only inside MEPT.forward; calling the backbone itself gives its own output."""
+    backbone = tiny_backbone("bert")
+    ids, mask = batch()
+    before = backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+    MEPT(backbone, MEPTConfig(n_experts=E, prompt_len=P, top_k=K))
+    torch.testing.assert_close(backbone(input_ids=ids, attention_mask=mask).last_hidden_state, before)
+
+
+# -----------------------------------------------------------------------------
+# 9. Every family runs
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_family_runs_forward_and_backward(family):
+    model = mept(family).train()
+    ids, mask = batch()
+    out = run(model, family, ids, mask)
+    assert out.shape == (B, P + T, D), f"expected (B, P+T, D), got {tuple(out.shape)}"
+    out.mean().backward()
+    assert set(model.routing) == set(range(N_BLOCKS)), "every block should have routed"
+    for l, r in model.routing.items():
+        assert r.expert_idx.shape == (B, K) and r.probs.shape == (B, E), f"routing shapes wrong at block {l}"
+
+
+def test_t5_with_labels_gives_a_finite_loss():
+    model = mept("t5").train()
+    ids, mask = batch()
+    loss = model(ids, mask, labels=torch.randint(0, VOCAB, (B, 4))).loss
+    assert torch.isfinite(loss), f"T5 loss is {loss}"
+
+
+def test_slot_offset_follows_the_family():
+    """Slots go right after [CLS] in bidirectional encoders, lead in seq2seq and decoder-only models."""
+    offsets = {f: mept(f).slot_offset for f in FAMILIES}
+    assert offsets == {"t5": 0, "bert": 1, "roberta": 1, "gpt2": 0, "llama": 0}, offsets
+
+
+def test_bfloat16_backbone_runs_with_float32_prompts():
+    backbone = tiny_backbone("llama").to(torch.bfloat16)
+    model = MEPT(backbone, MEPTConfig(n_experts=E, prompt_len=P, top_k=K)).train()
+    ids, mask = batch()
+    out = model(ids, mask).last_hidden_state
+    assert out.dtype == torch.bfloat16
+    out.float().mean().backward()
+    pool = model.prompts["1"].expert_pool
+    assert pool.dtype == torch.float32 and pool.grad is not None, "prompts should stay fp32 and learn"
+
+
+def test_eager_attention_gives_the_same_output_as_sdpa():
+    ids, mask = batch()
+    mask[0, -3:] = 0  # some padding, so both mask formats are exercised
+    outs = []
+    for attn in ("eager", "sdpa"):
+        torch.manual_seed(0)
+        model = MEPT(tiny_backbone("t5", attn), MEPTConfig(n_experts=E, prompt_len=P, top_k=K)).eval()
+        outs.append(run(model, "t5", ids, mask))
+    torch.testing.assert_close(outs[0][:, :P + T - 3], outs[1][:, :P + T - 3], atol=1e-5, rtol=1e-4)
+
+
+# -----------------------------------------------------------------------------
+# 10. Bad configurations
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(n_experts=4, top_k=5), "top_k must be in 1..n_experts"),
+    (dict(top_k=0), "top_k must be in 1..n_experts"),
+    (dict(prompt_len=0), "prompt_len must be at least 1"),
+    (dict(n_experts=0, top_k=0), "n_experts must be at least 1"),
+    (dict(router_noise=-0.5), "router_noise must be >= 0"),
+    (dict(layers=[1, 2]), "layers must include block 0"),
+    (dict(init="zeros"), "init must be 'vocab' or 'random'"),
+    (dict(balance_coef=-1.0), "balance_coef must be >= 0"),
+])
+def test_bad_configs_raise_a_helpful_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MEPTConfig(**kwargs)
+
+
+def test_layers_beyond_the_model_raise_when_attached():
+    with pytest.raises(ValueError, match="beyond the model's 3 blocks"):
+        MEPT(tiny_backbone("bert"), MEPTConfig(layers=[0, 5]))
+
+
+def test_unknown_preset_raises():
+    with pytest.raises(ValueError, match="unknown preset"):
+        MEPTConfig.preset("lora")
+
+
+# -----------------------------------------------------------------------------
+# 11. Load balancing and parameter counting
+
+
+def test_balance_loss_is_smallest_for_a_uniform_load():
+    uniform = Routing(torch.arange(8).remainder(E).unsqueeze(1), torch.full((8, E), 1 / E))
+    collapsed = Routing(torch.zeros(8, 1, dtype=torch.long), torch.tensor([[0.7, 0.1, 0.1, 0.1]]).repeat(8, 1))
+    skewed = Routing(torch.tensor([[0], [0], [0], [1], [1], [2], [3], [0]]),
+                     torch.tensor([[0.4, 0.2, 0.2, 0.2]]).repeat(8, 1))
+    losses = [load_balancing_loss(r, E).item() for r in (uniform, skewed, collapsed)]
+    assert losses[0] == pytest.approx(1.0), f"uniform load should cost exactly 1, got {losses[0]}"
+    assert losses[0] < losses[1] < losses[2], f"loss should grow with imbalance: {losses}"
+
+
+def test_aux_loss_is_zero_when_off_and_trains_the_router_when_on():
+    ids, mask = batch()
+    off = mept("bert")
+    run(off, "bert", ids, mask)
+    assert off.aux_loss.item() == 0.0
+    on = mept("bert", balance_coef=0.5).train()
+    run(on, "bert", ids, mask)
+    assert on.aux_loss.item() >= 0.5 - 1e-6, "E * sum f*P is at least 1, times the coefficient"
+    on.aux_loss.backward()
+    assert on.prompts["0"].router.proj.weight.grad.abs().sum() > 0, "aux loss should reach the router"
+
+
+def test_prompt_counts_follow_the_definition_in_method_md():
+    model = mept("bert", n_experts=4, top_k=1, shared_expert=True)
+    counts = model.prompt_param_counts()
+    assert counts["stored"] == N_BLOCKS * (4 * P * D + P * D)
+    assert counts["activated"] == N_BLOCKS * (1 * P * D + P * D)
+    assert counts["reduction_vs_deep_prompt"] == pytest.approx(1 - 2 / 5)
+
+
+def test_trainable_parameters_line_has_the_peft_format():
+    model = mept("bert")
+    line = model.trainable_parameters_line()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert line.startswith(f"trainable params: {trainable:,d} || all params: "), line
+    assert "|| trainable%: " in line, line
+
+
+def test_vocab_init_matches_each_blocks_hidden_scale():
+    """Deep experts start at the hidden-state scale of their block, not at the embedding scale."""
+    model = mept("bert")
+    embed_norm = model.backbone.get_input_embeddings().weight.norm(dim=-1).median()
+    deep_norm = model.prompts["2"].expert_pool.norm(dim=-1).median()
+    first_norm = model.prompts["0"].expert_pool.norm(dim=-1).median()
+    assert first_norm < 2 * embed_norm, "block 0's prompt is an embedding and keeps its scale"
+    assert deep_norm > 2 * embed_norm, "post-LN hidden rows are far larger than embedding rows"
