@@ -15,26 +15,28 @@ B, T, E, K, P, D, N_BLOCKS, VOCAB = 5, 7, 4, 2, 3, 24, 3, 50
 FAMILIES = ["t5", "bert", "roberta", "gpt2", "llama"]
 
 
-def tiny_backbone(family, attn="sdpa"):
-    """A randomly initialised model of each family; dropout off so outputs are comparable."""
+def tiny_backbone(family, attn=None):
+    """A randomly initialised model of each family; dropout off so outputs are comparable.
+    attn=None keeps the library default (sdpa in transformers 5.x; T5 is eager-only in 4.x)."""
     torch.manual_seed(0)
+    attn = {} if attn is None else {"attn_implementation": attn}
     if family == "t5":
         cfg = T5Config(vocab_size=VOCAB, d_model=D, d_kv=12, d_ff=40, num_layers=N_BLOCKS, num_decoder_layers=2,
                        num_heads=2, relative_attention_num_buckets=8, decoder_start_token_id=0, dropout_rate=0.0)
-        return T5ForConditionalGeneration._from_config(cfg, attn_implementation=attn).eval()
+        return T5ForConditionalGeneration._from_config(cfg, **attn).eval()
     if family in ("bert", "roberta"):
         kind, cls = (BertConfig, BertModel) if family == "bert" else (RobertaConfig, RobertaModel)
         cfg = kind(vocab_size=VOCAB, hidden_size=D, num_hidden_layers=N_BLOCKS, num_attention_heads=2,
                    intermediate_size=40, max_position_embeddings=64, hidden_dropout_prob=0.0,
                    attention_probs_dropout_prob=0.0)
-        return cls._from_config(cfg, attn_implementation=attn).eval()
+        return cls._from_config(cfg, **attn).eval()
     if family == "gpt2":
         cfg = GPT2Config(vocab_size=VOCAB, n_embd=D, n_layer=N_BLOCKS, n_head=2, n_positions=64,
                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-        return GPT2Model._from_config(cfg, attn_implementation=attn).eval()
+        return GPT2Model._from_config(cfg, **attn).eval()
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=D, num_hidden_layers=N_BLOCKS, num_attention_heads=2,
                       num_key_value_heads=1, intermediate_size=40, max_position_embeddings=64)
-    return LlamaModel._from_config(cfg, attn_implementation=attn).eval()
+    return LlamaModel._from_config(cfg, **attn).eval()
 
 
 def run(model, family, ids, mask, **kwargs):
@@ -361,14 +363,16 @@ def test_bfloat16_backbone_runs_with_float32_prompts():
 
 
 def test_eager_attention_gives_the_same_output_as_sdpa():
+    """The hooks never touch the mask, so both mask formats (float additive, bool/None) work."""
     ids, mask = batch()
     mask[0, -3:] = 0  # some padding, so both mask formats are exercised
     outs = []
     for attn in ("eager", "sdpa"):
         torch.manual_seed(0)
-        model = MEPT(tiny_backbone("t5", attn), MEPTConfig(n_experts=E, prompt_len=P, top_k=K)).eval()
-        outs.append(run(model, "t5", ids, mask))
-    torch.testing.assert_close(outs[0][:, :P + T - 3], outs[1][:, :P + T - 3], atol=1e-5, rtol=1e-4)
+        model = MEPT(tiny_backbone("bert", attn), MEPTConfig(n_experts=E, prompt_len=P, top_k=K)).eval()
+        outs.append(run(model, "bert", ids, mask))
+    torch.testing.assert_close(outs[0][0, :P + T - 3], outs[1][0, :P + T - 3], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(outs[0][1:], outs[1][1:], atol=1e-5, rtol=1e-4)
 
 
 # -----------------------------------------------------------------------------
