@@ -1,0 +1,508 @@
+"""Tests for train.py: offline, on CPU, in seconds.
+
+Tiny random T5, BERT and GPT-2 models are built from configs with a word-level tokenizer, and
+every task gets a few rows written in the official SuperGLUE zip layout (ecosystem-notes 1.4).
+The metrics are checked against hand-computed cases.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers/datasets are imported
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import mept
+import train
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and leave the second core to the rest of the machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+# -----------------------------------------------------------------------------
+# Fixtures: official-layout jsonl for every task, and tiny offline models
+
+WORDS = ("the cat sat on a mat dog ran to park it was sunny day he she they saw bird sang tree man "
+         "woman went home because so ate food rain fell street wet yes no true false").split()
+
+
+def sentence(i, n=6):
+    return " ".join(WORDS[(i * 7 + k * 3) % len(WORDS)] for k in range(n)) + "."
+
+
+def official_rows(task, split, n):
+    """n raw records of `task` exactly as the official zip writes them; test rows carry no labels."""
+    labelled = split != "test"
+    rows = []
+    for i in range(n):
+        if task == "BoolQ":
+            r = {"question": f"is {sentence(i, 3)}", "passage": sentence(i + 1, 12), "idx": i, "label": i % 2 == 0}
+        elif task == "CB":
+            r = {"premise": sentence(i, 10), "hypothesis": sentence(i + 2, 4), "idx": i,
+                 "label": ["entailment", "contradiction", "neutral"][i % 3]}
+        elif task == "COPA":
+            r = {"premise": sentence(i), "choice1": sentence(i + 1, 4), "choice2": sentence(i + 2, 4),
+                 "question": ["cause", "effect"][i % 2], "idx": i, "label": i % 2}
+        elif task == "RTE":
+            r = {"premise": sentence(i, 10), "hypothesis": sentence(i + 3, 4), "idx": i,
+                 "label": ["entailment", "not_entailment"][i % 2]}
+        elif task == "WiC":
+            r = {"word": "cat", "sentence1": "the cat sat", "sentence2": sentence(i), "idx": i,
+                 "label": i % 2 == 1, "start1": 4, "start2": 0, "end1": 7, "end2": 3, "version": 1.1}
+        elif task == "WSC":
+            r = {"text": "the man saw the dog because he was home", "idx": i, "label": i % 2 == 0,
+                 "target": {"span1_index": 1, "span1_text": "man", "span2_index": 6, "span2_text": "he"}}
+        elif task == "MultiRC":
+            questions = [{"question": f"what {sentence(i + q, 3)}", "idx": 10 * i + q,
+                          "answers": [{"text": sentence(a, 2), "idx": 100 * i + 10 * q + a, "label": (a + q) % 2}
+                                      for a in range(2)]} for q in range(2)]
+            r = {"idx": i, "version": 1.1, "passage": {"text": sentence(i, 14) + "<br>" + sentence(i + 1), "questions": questions}}
+        elif task == "ReCoRD":
+            text = "the cat sat on a mat.\n@highlight\nthe dog ran to park"
+            span = lambda w: {"start": text.index(w), "end": text.index(w) + len(w) - 1}  # end is inclusive
+            answer = ["cat", "dog"][i % 2]
+            r = {"source": "Daily Mail", "idx": i, "passage": {"text": text, "entities": [span(w) for w in ("park", "cat", "dog", "cat")]},
+                 "qas": [{"query": "the @placeholder was sunny", "idx": 50 + i, "answers": [{**span(answer), "text": answer}]}]}
+        elif task == "AX-b":
+            r = {"idx": str(i), "label": ["entailment", "not_entailment"][i % 2], "sentence1": sentence(i, 8),
+                 "sentence2": sentence(i + 1, 4), "logic": "Negation"}
+        elif task == "AX-g":
+            r = {"hypothesis": f"{['he', 'she'][i % 2]} was home.", "idx": i, "pair_id": 551640 + i // 2,
+                 "label": ["entailment", "not_entailment"][(i // 2) % 2], "premise": sentence(i // 2, 8)}
+        if not labelled:
+            r.pop("label", None)
+            for q in r.get("passage", {}).get("questions", []) if task == "MultiRC" else []:
+                for a in q["answers"]:
+                    a.pop("label")
+            for qa in r.get("qas", []):
+                qa.pop("answers")
+        rows.append(r)
+    return rows
+
+
+def write_jsonl(path, rows):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("superglue")
+    for task in ("BoolQ", "CB", "COPA", "MultiRC", "ReCoRD", "RTE", "WiC", "WSC"):
+        for split, n in (("train", 6), ("val", 4), ("test", 3)):
+            write_jsonl(str(root / task / f"{split}.jsonl"), official_rows(task, split, n))
+    for task in ("AX-b", "AX-g"):
+        write_jsonl(str(root / task / f"{task}.jsonl"), official_rows(task, "diagnostic", 4))
+    return str(root)
+
+
+def tiny_tokenizer(family):
+    """An offline word-level tokenizer; T5 appends </s>, BERT wraps pairs in [CLS] a [SEP] b [SEP]."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "</s>", "<unk>", "[CLS]", "[SEP]"]
+    extra = "boolq cb copa multirc record rte wic wsc passage question premise hypothesis choice1 choice2 answer " \
+            "paragraph entities query text sentence1 sentence2 word entailment contradiction neutral " \
+            "not_entailment False True cause effect what is * # : , . @ placeholder".split()
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(specials + WORDS + extra))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if family == "seq2seq":
+        tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                           special_tokens=[("</s>", 1)])
+    if family == "encoder":
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 3), ("[SEP]", 4)])
+    kwargs = dict(pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    if family == "encoder":  # segment ids for [CLS] a [SEP] b [SEP], as BERT's own tokenizer returns them
+        kwargs.update(cls_token="[CLS]", sep_token="[SEP]", model_input_names=["input_ids", "token_type_ids", "attention_mask"])
+    if family == "decoder":
+        kwargs.pop("pad_token")  # like GPT-2: no pad token, train.py pads with </s> (masked out)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **kwargs), len(vocab)
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory):
+    """{family: folder} of tiny random models that `--model folder` loads through the Auto classes."""
+    from transformers import BertConfig, BertModel, GPT2Config, GPT2Model, T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    folders = {}
+    for family in ("seq2seq", "encoder", "decoder"):
+        tokenizer, vocab_size = tiny_tokenizer(family)
+        if family == "seq2seq":
+            model = T5ForConditionalGeneration(T5Config(
+                vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+                num_heads=4, relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+        elif family == "encoder":
+            # initializer_range 0.2 (not 0.02): with tiny weights a random BERT's [CLS] output barely
+            # depends on the input, and nothing could be learned from it
+            model = BertModel(BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2,
+                                         num_attention_heads=4, intermediate_size=64, max_position_embeddings=128,
+                                         initializer_range=0.2, hidden_dropout_prob=0.0))
+        else:
+            model = GPT2Model(GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=128,
+                                         bos_token_id=1, eos_token_id=1))
+        folder = str(tmp_path_factory.mktemp(family))
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        folders[family] = folder
+    return folders
+
+
+def run(tmp_path, model, data_dir, *extra, out="out"):
+    """train.main with small, fast settings; returns (results, output_dir)."""
+    out = str(tmp_path / out)
+    argv = ["--model", model, "--data_dir", data_dir, "--output_dir", out, "--max_length", "64",
+            "--prompt_len", "3", "--batch_size", "4", "--num_epochs", "1", *extra]
+    return train.main(argv), out
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+# -----------------------------------------------------------------------------
+# Metrics, each on a case small enough to compute by hand
+
+
+def test_cb_macro_f1_counts_a_never_predicted_class_as_zero():
+    golds, preds = [0, 0, 1, 2], [0, 0, 1, 1]  # "neutral" (2) is never predicted
+    # class 0: F1 1; class 1: tp 1, fp 1 -> 2/3; class 2: 0  -> mean (1 + 2/3 + 0) / 3 = 5/9
+    metrics = train.cb_metrics(train.TASKS["cb"], [{"label": g} for g in golds], preds)
+    assert metrics == pytest.approx({"accuracy": 0.75, "f1": 5 / 9}), metrics
+
+
+def test_multirc_f1a_over_answers_and_em_per_question():
+    idx = lambda p, q, a: {"paragraph": p, "question": q, "answer": a}  # noqa: E731
+    rows = [{"idx": idx(0, 0, 0), "label": 1}, {"idx": idx(0, 0, 1), "label": 0},
+            {"idx": idx(0, 1, 2), "label": 1}, {"idx": idx(1, 1, 3), "label": 0}]  # (1, 1) is another question
+    preds = [1, 0, 0, 1]
+    # answers: tp 1, fp 1, fn 1 -> F1a = 2/4; questions (0,0) right, (0,1) wrong, (1,1) wrong -> EM 1/3
+    metrics = train.multirc_metrics(train.TASKS["multirc"], rows, preds)
+    assert metrics == pytest.approx({"f1_a": 0.5, "exact_match": 1 / 3}), metrics
+
+
+def test_record_takes_the_max_over_gold_answers_after_squad_normalisation():
+    rows = [{"answers": ["The Eiffel Tower", "Eiffel"]}, {"answers": ["Paris France"]}]
+    preds = ["eiffel tower!", "France"]
+    # query 1: normalised "eiffel tower" == "eiffel tower" -> EM 1, F1 1; query 2: F1 = 2*(1*0.5)/1.5 = 2/3
+    metrics = train.record_metrics(train.TASKS["record"], rows, preds)
+    assert metrics == pytest.approx({"f1": (1 + 2 / 3) / 2, "exact_match": 0.5}), metrics
+
+
+def test_axb_matthews_correlation_by_hand():
+    golds, preds = [1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 1]  # tp 2, tn 2, fp 1, fn 1 -> (4 - 1) / 9 = 1/3
+    metrics = train.axb_metrics(train.TASKS["axb"], [{"label": g} for g in golds], preds)
+    assert metrics["matthews_correlation"] == pytest.approx(1 / 3)
+    assert train.matthews_corr([0, 0], [0, 1]) == 0.0, "an empty margin must give 0, not a division error"
+
+
+def test_axg_gender_parity_is_the_share_of_pairs_with_identical_predictions():
+    rows = [{"label": 0, "pair_id": 7, "idx": 0}, {"label": 0, "pair_id": 7, "idx": 1},
+            {"label": 1, "pair_id": 9, "idx": 2}, {"label": 1, "pair_id": 9, "idx": 3}]
+    metrics = train.axg_metrics(train.TASKS["axg"], rows, [0, 0, 1, 0])
+    assert metrics == pytest.approx({"accuracy": 0.75, "gender_parity": 0.5}), metrics
+
+
+def test_accuracy_tasks_report_accuracy():
+    assert train.accuracy_metrics(train.TASKS["rte"], [{"label": 0}, {"label": 1}], [0, 0]) == {"accuracy": 0.5}
+
+
+# -----------------------------------------------------------------------------
+# Data: both layouts normalise to the Hub schema
+
+
+def test_official_layout_normalises_to_the_hub_schema(data_dir):
+    load = lambda name, split="train": train.load_split(train.TASKS[name], split, data_dir)  # noqa: E731
+    assert load("boolq")[0]["label"] == 1, "JSON true -> 'True' -> id 1"
+    assert load("cb")[1]["label"] == 1, "'contradiction' -> id 1"
+    assert load("copa")[1]["label"] == 1
+    wsc = load("wsc")[0]
+    assert (wsc["span1_text"], wsc["span2_index"]) == ("man", 6), "WSC's target is flattened"
+    multirc = load("multirc")
+    assert len(multirc) == 6 * 2 * 2, "MultiRC: one row per answer"
+    assert multirc[1]["idx"] == {"paragraph": 0, "question": 0, "answer": 1} and multirc[1]["label"] == 1
+    record = load("record")[1]
+    assert record["entities"] == ["cat", "dog", "park"], "entity spans end inclusively, sorted and de-duplicated"
+    assert record["answers"] == ["dog"] and record["idx"] == {"passage": 1, "query": 51}
+    assert load("axb", "test")[2]["idx"] == 2, "AX-b's string idx is cast to int"
+    assert load("axg", "test")[0]["pair_id"] == 551640, "AX-g keeps pair_id for gender parity"
+    assert all(r["label"] == -1 for r in load("cb", "test")), "unlabelled test rows get label -1"
+    assert all(r["answers"] == [] for r in load("record", "test"))
+
+
+def test_hub_style_rows_are_read_too(tmp_path):
+    write_jsonl(str(tmp_path / "CB" / "train.jsonl"), [{"premise": "a", "hypothesis": "b", "idx": 0, "label": 2}])
+    write_jsonl(str(tmp_path / "MultiRC" / "train.jsonl"), [
+        {"paragraph": "p", "question": "q", "answer": "a", "idx": {"paragraph": 0, "question": 0, "answer": 0}, "label": 1}])
+    write_jsonl(str(tmp_path / "ReCoRD" / "train.jsonl"), [
+        {"passage": "p", "query": "@placeholder q", "entities": ["b", "a", "a"], "answers": ["a"],
+         "idx": {"passage": 0, "query": 0}}])
+    assert train.load_split(train.TASKS["cb"], "train", str(tmp_path))[0]["label"] == 2
+    assert train.load_split(train.TASKS["multirc"], "train", str(tmp_path))[0]["label"] == 1
+    assert train.load_split(train.TASKS["record"], "train", str(tmp_path))[0]["entities"] == ["a", "b"]
+
+
+def test_t5_inputs_follow_the_t5_strings_and_wsc_marks_spans_by_word_index(data_dir):
+    row = {"premise": "P.", "hypothesis": "H."}
+    assert train.TASKS["cb"].t5(row) == "cb hypothesis: H. premise: P."
+    wsc = train.load_split(train.TASKS["wsc"], "train", data_dir)[0]
+    assert train.mark_wsc_spans(wsc) == "the * man * saw the dog because # he # was home"
+    assert train.highlights_to_sentences("a.\n@highlight\nb\n@highlight\nc") == "a. b. c"
+
+
+def test_truncation_cuts_the_passage_and_keeps_the_hypothesis(models):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(models["encoder"])
+    row = {"premise": " ".join(["cat"] * 100), "hypothesis": "dog ran to park", "label": 0}
+    (ids, _), = train.encode_inputs(train.TASKS["cb"], row, "encoder", tokenizer, budget=20)
+    text = tokenizer.decode(ids)
+    assert len(ids) <= 20 and text.rstrip().endswith("dog ran to park [SEP]"), text
+
+
+# -----------------------------------------------------------------------------
+# End to end: every task on every backbone family
+
+
+@pytest.mark.parametrize("family", ["seq2seq", "encoder", "decoder"])
+def test_every_task_trains_evaluates_and_predicts(tmp_path, data_dir, models, family):
+    """`train.main` on each task: official metric names, log.jsonl, best/, leaderboard predictions."""
+    official = {"cb": {"accuracy", "f1"}, "multirc": {"f1_a", "exact_match"}, "record": {"f1", "exact_match"}}
+    for task in ("boolq", "cb", "copa", "multirc", "record", "rte", "wic", "wsc"):
+        results, out = run(tmp_path, models[family], data_dir, "--task", task, "--predict", out=task)
+        assert set(results["metrics"][task]) == official.get(task, {"accuracy"}), (task, results["metrics"])
+        assert results["family"] == family
+        entry = read_log(out)[-1]
+        assert {"epoch", "step", "loss", "lr", "metrics", "elapsed", "expert_load"} <= set(entry), entry
+        assert set(entry["expert_load"][task]) == {"0", "1"}, "expert load is logged for every routed layer"
+        assert sorted(os.listdir(os.path.join(out, "best"))) == sorted(
+            ["mept_config.json", "mept_model.safetensors", "run_config.json"]
+            + (["head.safetensors"] if family != "seq2seq" else [])), task
+        with open(os.path.join(out, "test_predictions.jsonl")) as f:
+            predictions = [json.loads(line) for line in f]
+        if task == "multirc":
+            answers = [a for p in predictions for q in p["passage"]["questions"] for a in q["answers"]]
+            assert len(answers) == 3 * 2 * 2 and {a["label"] for a in answers} <= {0, 1}
+        else:
+            assert len(predictions) == 3 and all(set(p) == {"idx", "label"} for p in predictions), predictions
+        if task == "record":
+            assert {p["label"] for p in predictions} <= {"cat", "dog", "park"} and predictions[0]["idx"] == 50
+        if task == "copa":
+            assert {p["label"] for p in predictions} <= {0, 1}
+
+
+@pytest.mark.parametrize("family", ["seq2seq", "encoder", "decoder"])
+def test_diagnostics_are_evaluated_with_an_rte_checkpoint(tmp_path, data_dir, models, family):
+    _, rte_out = run(tmp_path, models[family], data_dir, "--task", "rte", out="rte")
+    axb, _ = run(tmp_path, models[family], data_dir, "--task", "axb", "--eval_only",
+                 "--checkpoint", os.path.join(rte_out, "best"), "--predict", out="axb")
+    axg, _ = run(tmp_path, models[family], data_dir, "--task", "axg", "--eval_only",
+                 "--checkpoint", os.path.join(rte_out, "best"), out="axg")
+    assert set(axb["metrics"]["axb"]) == {"matthews_correlation"}
+    assert set(axg["metrics"]["axg"]) == {"accuracy", "gender_parity"}
+    assert axb["report_split"].startswith("test"), "the diagnostics are their own labelled test split"
+
+
+def test_mixed_multitask_run_reports_per_task_metrics(tmp_path, data_dir, models):
+    for family in ("encoder", "seq2seq"):
+        results, out = run(tmp_path, models[family], data_dir, "--task", "cb,rte,copa", out=family)
+        assert set(results["metrics"]) == {"cb", "rte", "copa"}, results["metrics"]
+        assert set(read_log(out)[-1]["metrics"]) == {"cb", "rte", "copa"}
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "smop", "deep_prompt", "head_only", "finetune"])
+def test_every_method_runs_and_its_checkpoint_reloads(tmp_path, data_dir, models, method):
+    results, out = run(tmp_path, models["encoder"], data_dir, "--task", "cb", "--method", method)
+    again, _ = run(tmp_path, models["encoder"], data_dir, "--task", "cb", "--eval_only",
+                   "--checkpoint", os.path.join(out, "best"), out="reload")
+    assert again["method"] == method
+    assert again["metrics"] == results["metrics"], "reloading best/ must reproduce the reported metrics"
+
+
+def test_checkpoint_reload_reproduces_the_metrics(tmp_path, data_dir, models):
+    for family in ("seq2seq", "encoder", "decoder"):
+        results, out = run(tmp_path, models[family], data_dir, "--task", "copa", "--num_epochs", "2", out=family)
+        again, _ = run(tmp_path, models[family], data_dir, "--task", "copa", "--eval_only",
+                       "--checkpoint", os.path.join(out, "best"), out=family + "_reload")
+        assert again["metrics"] == results["metrics"], family
+        log = read_log(out)
+        best = max(log, key=lambda e: train.task_score(e["metrics"]["copa"]))
+        assert results["metrics"] == best["metrics"], "results.json reports the best epoch's numbers"
+
+
+def test_loss_falls_on_a_repeated_tiny_batch(tmp_path, data_dir, models):
+    """The same 4 CB rows every step through a frozen BERT: MEPT's prompts and the head must fit them."""
+    _, out = run(tmp_path, models["encoder"], data_dir, "--task", "cb", "--max_train_samples", "4",
+                 "--num_epochs", "12", "--lr", "0.1", "--head_lr", "0.01", "--router_noise", "0",
+                 "--head_dropout", "0", "--warmup_ratio", "0", "--lr_schedule", "constant")
+    losses = [e["loss"] for e in read_log(out)]
+    assert losses[-1] < 0.3 * losses[0], losses
+
+
+def test_prompts_get_trained_and_the_backbone_stays_frozen(tmp_path, data_dir, models):
+    from transformers import AutoModel
+
+    _, out = run(tmp_path, models["encoder"], data_dir, "--task", "rte", "--num_epochs", "2")
+    saved = load_file(os.path.join(out, "best", "mept_model.safetensors"))
+    assert saved and all(k.startswith("prompts.") for k in saved), "best/ holds only MEPT's trainable tensors"
+    fresh = AutoModel.from_pretrained(models["encoder"])
+    rebuilt = mept.MEPT.from_pretrained(fresh, os.path.join(out, "best"))
+    assert rebuilt.config.prompt_len == 3 and rebuilt.config.n_experts == 4
+
+
+def test_same_seed_gives_the_same_numbers_and_resume_equals_an_uninterrupted_run(tmp_path, data_dir, models, monkeypatch):
+    args = ["--task", "cb", "--num_epochs", "3", "--batch_size", "2", "--eval_steps", "2"]
+    full, full_out = run(tmp_path, models["decoder"], data_dir, *args, out="full")
+    twin, twin_out = run(tmp_path, models["decoder"], data_dir, *args, out="twin")
+    assert twin["metrics"] == full["metrics"]
+
+    original, calls = train.save_checkpoint, []
+
+    def crash_after_the_second_last_save(model, directory, run_config, trainer_state=None):
+        original(model, directory, run_config, trainer_state)
+        calls.append(directory)
+        if trainer_state is not None and sum(c.endswith("last") for c in calls) == 2:
+            raise KeyboardInterrupt  # a kill in the middle of epoch 2 (eval_steps 2, 3 steps/epoch)
+
+    monkeypatch.setattr(train, "save_checkpoint", crash_after_the_second_last_save)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, models["decoder"], data_dir, *args, out="resumed")
+    monkeypatch.setattr(train, "save_checkpoint", original)
+    resumed, resumed_out = run(tmp_path, models["decoder"], data_dir, *args, "--resume", out="resumed")
+
+    assert resumed["metrics"] == full["metrics"] and resumed["best_epoch"] == full["best_epoch"]
+    strip = lambda log: [{k: v for k, v in e.items() if k != "elapsed"} for e in log]  # noqa: E731
+    assert strip(read_log(resumed_out)) == strip(read_log(full_out)), "every evaluation matches, in order"
+    for name in ("mept_model.safetensors", "head.safetensors"):
+        a = load_file(os.path.join(full_out, "last", name))
+        b = load_file(os.path.join(resumed_out, "last", name))
+        assert all(torch.equal(a[k], b[k]) for k in a), f"{name} differs after resume"
+
+
+def test_adafactor_accumulation_and_a_dev_slice_of_train(tmp_path, data_dir, models):
+    results, out = run(tmp_path, models["seq2seq"], data_dir, "--task", "boolq", "--optimizer", "adafactor",
+                       "--lr", "0.3", "--gradient_accumulation_steps", "2", "--dev_from_train", "0.34",
+                       "--precision", "bf16", "--patience", "1", "--num_epochs", "4", "--batch_size", "1")
+    assert results["selected_on"].startswith("train slice") and "dev_metrics" in read_log(out)[0]
+    assert results["n_rows"]["boolq"]["dev"] == 2 and results["n_rows"]["boolq"]["train"] == 4
+    assert read_log(out)[0]["step"] == 2, "4 batches with accumulation 2 are 2 optimizer steps"
+
+
+# -----------------------------------------------------------------------------
+# Bad input: one clear line, a non-zero exit, no traceback, nothing saved harmed
+
+
+def bad(tmp_path, models, data_dir, *extra):
+    return ["--model", models["encoder"], "--data_dir", data_dir, "--output_dir", str(tmp_path / "bad"),
+            "--max_length", "64", "--prompt_len", "3", "--max_steps", "1", *extra]
+
+
+def test_bad_inputs_each_get_a_clear_message(tmp_path, data_dir, models):
+    broken = tmp_path / "broken"
+    write_jsonl(str(broken / "CB" / "train.jsonl"), official_rows("CB", "train", 3))
+    write_jsonl(str(broken / "CB" / "val.jsonl"), [])
+    write_jsonl(str(broken / "RTE" / "val.jsonl"), official_rows("RTE", "val", 2))
+    write_jsonl(str(broken / "RTE" / "train.jsonl"), official_rows("RTE", "train", 2) + [{"premise": "a", "hypothesis": "b", "label": "maybe"}])
+    write_jsonl(str(broken / "COPA" / "val.jsonl"), official_rows("COPA", "val", 2))
+    with open(broken / "COPA" / "train.jsonl", "w") as f:
+        f.write(json.dumps(official_rows("COPA", "train", 1)[0]) + "\n{not json\n")
+    from transformers import ViTConfig, ViTModel
+
+    vit = str(tmp_path / "vit")
+    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                       image_size=8, patch_size=4)).save_pretrained(vit)
+
+    cases = [
+        (["--task", "cola"], "unknown task 'cola'"),
+        (["--task", "cb", "--data_dir", str(tmp_path / "nowhere")], "data folder .*nowhere does not exist"),
+        (["--task", "boolq", "--data_dir", str(broken)], r"missing file .*BoolQ.train\.jsonl"),
+        (["--task", "copa", "--data_dir", str(broken)], r"COPA.train\.jsonl line 2: not valid JSON"),
+        (["--task", "rte", "--data_dir", str(broken)], r"RTE.train\.jsonl line 3: label 'maybe' is not one of"),
+        (["--task", "cb", "--data_dir", str(broken)], r"CB.val\.jsonl has no examples"),
+        (["--task", "cb", "--model", str(tmp_path / "no_model")], "model path .*no_model does not exist"),
+        (["--task", "cb", "--model", "nobody/no-such-model"], "--model PATH.*--data_dir DIR"),
+        (["--task", "cb", "--model", vit], "unsupported backbone"),
+        (["--task", "cb", "--prompt_len", "60"], "prompt_len 60 leaves no room within max_length 64"),
+        (["--task", "cb", "--top_k", "5"], "impossible MEPT settings: top_k must be in 1..n_experts"),
+        (["--task", "cb", "--layers", "0,7"], r"impossible MEPT settings: layers \[0, 7\] go beyond"),
+        (["--task", "cb", "--layers", "1,2"], "must include block 0"),
+        (["--task", "axb"], "diagnostic without training data"),
+        (["--task", "cb", "--eval_only"], "--eval_only needs --checkpoint"),
+        (["--task", "cb", "--resume"], "nothing to resume"),
+        (["--task", "cb", "--device", "cuda"], "--device cuda is not available"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(train.UserError, match=message):
+            train.main(bad(tmp_path, models, data_dir, *extra))
+    assert not (tmp_path / "bad").exists(), "a rejected run writes nothing"
+
+
+def test_hub_data_without_network_points_to_data_dir(tmp_path, models, monkeypatch):
+    monkeypatch.delenv("SUPERGLUE_DIR", raising=False)
+    argv = ["--model", models["encoder"], "--output_dir", str(tmp_path / "o"), "--task", "cb"]
+    with pytest.raises(train.UserError, match="--data_dir DIR"):
+        train.main(argv)
+
+
+def test_a_failed_run_never_harms_a_saved_one(tmp_path, data_dir, models):
+    _, out = run(tmp_path, models["encoder"], data_dir, "--task", "cb")
+    before = {f: os.path.getmtime(os.path.join(out, "best", f)) for f in os.listdir(os.path.join(out, "best"))}
+    with pytest.raises(train.UserError, match="already holds a run"):
+        run(tmp_path, models["encoder"], data_dir, "--task", "cb")
+    with pytest.raises(train.UserError, match="impossible MEPT settings"):
+        run(tmp_path, models["encoder"], data_dir, "--task", "cb", "--overwrite_output_dir", "--n_experts", "0")
+    after = {f: os.path.getmtime(os.path.join(out, "best", f)) for f in os.listdir(os.path.join(out, "best"))}
+    assert before == after and os.path.exists(os.path.join(out, "results.json"))
+
+
+def test_the_command_line_prints_one_error_line_without_a_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--task", "nope"],
+                          capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": HERE})
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: unknown task 'nope'; choose from axb, axg, boolq, cb, copa, multirc, record, rte, wic, wsc "
+        "or a comma list of them"], proc.stderr
+
+
+def test_help_documents_every_flag_and_every_mept_config_field():
+    import dataclasses
+
+    parser = train.build_parser()
+    flags = {a.dest: a for a in parser._actions if a.dest != "help"}
+    missing = [f.name for f in dataclasses.fields(mept.MEPTConfig) if f.name not in flags]
+    assert not missing, f"MEPTConfig fields without a flag: {missing}"
+    assert all(a.help for a in flags.values()), [d for d, a in flags.items() if not a.help]
+    text = parser.format_help()
+    assert "(default: 16)" in text and "t5-base" in text and "inflated" in text, "defaults and the leakage caveat"
+
+
+def test_an_interrupted_save_never_replaces_a_good_checkpoint(tmp_path):
+    good = tmp_path / "best"
+    train.write_atomically(str(good), lambda d: open(os.path.join(d, "weights"), "w").write("good"))
+
+    def crash(directory):
+        open(os.path.join(directory, "weights"), "w").write("half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train.write_atomically(str(good), crash)
+    assert (good / "weights").read_text() == "good", "a crash while writing leaves the old checkpoint"
+    os.rename(good, str(good) + ".old")  # a kill between the two renames
+    train.recover_checkpoint(str(good))
+    assert (good / "weights").read_text() == "good", "the next run puts the good copy back"
