@@ -267,11 +267,15 @@ class MEPT(nn.Module):
         One probe forward on random tokens measures each block's input scale; experts of block
         l > 0 are rescaled to it. Block 0's prompt is inserted as an embedding, so it keeps 1.
         """
-        norms, handles = {}, []
-        for l in self.layers:
-            if l > 0:
-                hook = lambda m, a, k, l=l: norms.__setitem__(l, (a[0] if a else k["hidden_states"]).float().norm(dim=-1).median())
-                handles.append(self.blocks[l].register_forward_pre_hook(hook, with_kwargs=True))
+        norms = {}
+
+        def measure(layer):
+            def hook(block, args, kwargs):
+                hidden = args[0] if args else kwargs["hidden_states"]  # (2, 16, D)
+                norms[layer] = hidden.float().norm(dim=-1).median()  # a typical row norm
+            return hook
+
+        handles = [self.blocks[l].register_forward_pre_hook(measure(l), with_kwargs=True) for l in self.layers if l > 0]
         # the bare stack (BertModel, T5Stack, LlamaModel): no head, no labels, no pad-token rules
         runner = self.backbone.get_encoder() if self.is_encoder_decoder else self.backbone.base_model
         was_training = runner.training

