@@ -150,7 +150,8 @@ def gather_experts(expert_pool, expert_idx, gate):
     rows = torch.add(slot, expert_idx.unsqueeze(-1), alpha=prompt_len)  # (B, K, P): flat row of (expert, slot)
     picked = flat_pool.index_select(0, rows.reshape(-1))  # (B*K*P, D)
     picked = picked.view(batch, top_k, prompt_len * d_model)  # (B, K, P*D)
-    mixed = torch.bmm(gate.to(picked.dtype).unsqueeze(1), picked)  # (B, 1, K) @ (B, K, P*D) -> (B, 1, P*D)
+    # the one batched weighted sum over k (measured faster than bmm with its (B, 1, K) operand)
+    mixed = torch.einsum("bk,bkn->bn", gate.to(picked.dtype), picked)  # (B, P*D)
     return mixed.view(batch, prompt_len, d_model)  # (B, P, D)
 
 
@@ -428,7 +429,7 @@ if __name__ == "__main__":
         return time.perf_counter() - start
 
     torch.set_num_threads(1)
-    B, P, D, repeats = 32, 10, 768, 30
+    B, P, D, repeats = 32, 10, 768, 100
     print(f"\ngather benchmark, 1 CPU thread, B={B} P={P} D={D}, median of {repeats} interleaved repeats")
     for E, K in [(8, 2), (64, 1)]:
         pool = torch.randn(E, P, D, requires_grad=True)
