@@ -75,7 +75,8 @@ def summarise(args):
             activated_text = f"{activated:,d}" if activated is not None else "-"
             rows.append(f"| {task} | {method} | {' / '.join(metrics)} | {shown} | {len(runs)} | {trainable:,d} | "
                         f"{activated_text} | {statistics.median(per_epoch):.0f} |")
-            points.append((task, method, trainable, statistics.mean(metrics["accuracy"])))
+            points.append((task, method, trainable, statistics.mean(metrics["accuracy"]),
+                           statistics.stdev(metrics["accuracy"]) if len(runs) > 1 else 0.0))
     # paired by seed (the same seed gives every method the same batches): MEPT minus each baseline
     paired = []
     for task in args.tasks:
@@ -103,14 +104,15 @@ def summarise(args):
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for task, marker in zip(args.tasks, "os^"):
-        for t, method, trainable, acc in points:
+        for i, (t, method, trainable, acc, std) in enumerate(points):
             if t == task:
-                ax.scatter(trainable, acc, marker=marker, s=40)
-                ax.annotate(f"{method} ({task})", (trainable, acc), fontsize=7, xytext=(4, 2), textcoords="offset points")
+                ax.errorbar(trainable, acc, yerr=std, marker=marker, capsize=3, ls="none")
+                ax.annotate(f"{method} ({task})", (trainable, acc), fontsize=7, textcoords="offset points",
+                            xytext=(5, 8 if i % 2 else -12))  # alternate above/below: neighbours stay legible
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log scale)")
     ax.set_ylabel("validation accuracy (%)")
-    ax.set_title(f"frozen all-MiniLM-L6-v2, mean over {len(args.seeds)} seeds")
+    ax.set_title(f"all-MiniLM-L6-v2, mean ± std over {len(args.seeds)} seeds (epoch chosen on a train slice)", fontsize=9)
     fig.tight_layout()
     fig.savefig(os.path.join(ROOT, "experiments", "accuracy_vs_params.png"), dpi=110)
 
