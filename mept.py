@@ -210,6 +210,13 @@ def find_blocks(backbone):
     return max(candidates, key=lambda m: sum(p.numel() for p in m.parameters()))
 
 
+def parameters_line(module):
+    """PEFT's report: 'trainable params: N || all params: M || trainable%: X'."""
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in module.parameters())
+    return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+
+
 def is_causal(blocks):
     """Decoder-only stacks mark their self-attention as causal (Llama, GPT-2, Qwen, ...)."""
     return any(getattr(m, "is_causal", False) is True for m in blocks[0].modules())
@@ -346,9 +353,7 @@ class MEPT(nn.Module):
 
     # --- bookkeeping: parameters, saving, loading, detaching ---------------------------
     def trainable_parameters_line(self):
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.parameters())
-        return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        return parameters_line(self)
 
     def prompt_param_counts(self):
         """method.md 'Counting activated prompts'. Stored per layer: E*P*D (+P*D shared);

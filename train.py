@@ -994,9 +994,7 @@ def main(argv=None):
     resume_from = last_dir if args.resume else args.checkpoint
     model = build_model(backbone, family, method, mept_config, head_names, args.head_dropout, resume_from).to(device)
     mept_config = model.core.config if isinstance(model.core, mept.MEPT) else None
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    params_line = f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+    params_line = mept.parameters_line(model)  # counts the heads too, not only MEPT's prompts
     print(f"{model_name} ({family}) | method {method} | {params_line}", flush=True)
     run_config = {"model": model_name, "family": family, "method": method, "tasks": names,
                   "heads": head_names, "mept": asdict(mept_config) if mept_config else None}

@@ -49,27 +49,29 @@ def run_one(args, task, method, seed):
 
 
 def summarise(args):
-    rows, points = [], []
+    # every finished run, read once: (task, method, seed) -> results.json and log.jsonl
+    results, logs = {}, {}
     for task in args.tasks:
         for method in METHODS:
-            runs = []
             for seed in args.seeds:
-                path = os.path.join(args.out, task, f"{method}_seed{seed}", "results.json")
-                if os.path.isfile(path):
-                    with open(path) as f:
-                        runs.append(json.load(f))
-            if not runs:
+                folder = os.path.join(args.out, task, f"{method}_seed{seed}")
+                if os.path.isfile(os.path.join(folder, "results.json")):
+                    with open(os.path.join(folder, "results.json")) as f:
+                        results[task, method, seed] = json.load(f)
+                    with open(os.path.join(folder, "log.jsonl")) as f:
+                        logs[task, method, seed] = [json.loads(line) for line in f]
+
+    rows, points, paired = [], [], []
+    for task in args.tasks:
+        for method in METHODS:
+            seeds = [s for s in args.seeds if (task, method, s) in results]
+            if not seeds:
                 continue
+            runs = [results[task, method, s] for s in seeds]
             metrics = {k: [100 * r["metrics"][task][k] for r in runs] for k in runs[0]["metrics"][task]}
             trainable = int(runs[0]["trainable_params"].split("||")[0].split(":")[1].replace(",", ""))
             activated = (runs[0].get("prompt_params") or {}).get("activated")
-            logs = [os.path.join(args.out, task, f"{method}_seed{s}", "log.jsonl") for s in args.seeds]
-            per_epoch = []
-            for log in logs:
-                if os.path.isfile(log):
-                    with open(log) as f:
-                        entries = [json.loads(line) for line in f]
-                    per_epoch.append(entries[-1]["elapsed"] / entries[-1]["epoch"])
+            per_epoch = [logs[task, method, s][-1]["elapsed"] / logs[task, method, s][-1]["epoch"] for s in seeds]
             shown = " / ".join(f"{statistics.mean(v):.1f} ± {statistics.stdev(v) if len(v) > 1 else 0:.1f}"
                                for v in metrics.values())
             activated_text = f"{activated:,d}" if activated is not None else "-"
@@ -77,18 +79,10 @@ def summarise(args):
                         f"{activated_text} | {statistics.median(per_epoch):.0f} |")
             points.append((task, method, trainable, statistics.mean(metrics["accuracy"]),
                            statistics.stdev(metrics["accuracy"]) if len(runs) > 1 else 0.0))
-    # paired by seed (the same seed gives every method the same batches): MEPT minus each baseline
-    paired = []
-    for task in args.tasks:
-        acc = {}
-        for method in METHODS:
-            for seed in args.seeds:
-                path = os.path.join(args.out, task, f"{method}_seed{seed}", "results.json")
-                if os.path.isfile(path):
-                    with open(path) as f:
-                        acc[method, seed] = 100 * json.load(f)["metrics"][task]["accuracy"]
-        for method in METHODS:
-            diffs = [acc["mept", s] - acc[method, s] for s in args.seeds if ("mept", s) in acc and (method, s) in acc]
+            # paired by seed (the same seed gives every method the same batches): MEPT minus this baseline
+            both = [s for s in seeds if (task, "mept", s) in results]
+            diffs = [100 * (results[task, "mept", s]["metrics"][task]["accuracy"]
+                            - results[task, method, s]["metrics"][task]["accuracy"]) for s in both]
             if method != "mept" and diffs:
                 paired.append(f"| {task} | mept - {method} | {', '.join(f'{d:+.1f}' for d in diffs)} | "
                               f"{statistics.mean(diffs):+.1f} |")
