@@ -405,6 +405,37 @@ def test_adafactor_accumulation_and_a_dev_slice_of_train(tmp_path, data_dir, mod
     assert read_log(out)[0]["step"] == 2, "4 batches with accumulation 2 are 2 optimizer steps"
 
 
+def test_balanced_class_weights_give_every_class_the_same_total_weight():
+    labels = [0] * 5 + [1] * 3 + [2] * 2  # n = 10, counts 5 / 3 / 2
+    groups = [train.Group("cb", i, [[1]], None, None, [y]) for i, y in enumerate(labels)]
+    groups.append(train.Group("cb", 10, [[1]], None, None, []))  # unlabelled: not counted
+    weights = train.balanced_class_weights(groups, 3)
+    assert torch.allclose(weights, torch.tensor([10 / 15, 10 / 9, 10 / 6]))  # n / (n_classes * count)
+    per_class = [weights[c] * labels.count(c) for c in range(3)]
+    assert all(abs(t - 10 / 3) < 1e-6 for t in per_class) and abs(weights[labels].mean() - 1) < 1e-6
+
+    class Scores(torch.nn.Module):  # a "model" that returns fixed logits: the loss by hand is then easy
+        def forward(self, batch, task):
+            return None, batch["logits"]
+
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.5], [1.0, 1.0, 0.0]])
+    gold = [0, 1, 2, 0]
+    batch_groups = [train.Group("cb", i, [[1]], None, None, [y]) for i, y in enumerate(gold)]
+    loss, preds = train.group_loss_and_predictions(Scores(), {"logits": logits}, batch_groups, "cb", weights)
+    nll = -logits.log_softmax(-1)[torch.arange(4), gold]  # (4,)
+    by_hand = (weights[gold] * nll).sum() / weights[gold].sum()  # the weighted mean
+    assert torch.allclose(loss, by_hand) and preds == [0, 1, 2, 0]
+
+
+def test_class_weights_flag_trains_and_refuses_where_there_is_no_class(tmp_path, data_dir, models):
+    results, _ = run(tmp_path, models["encoder"], data_dir, "--task", "cb", "--class_weights", "balanced")
+    assert results["args"]["class_weights"] == "balanced" and "cb" in results["metrics"]
+    with pytest.raises(train.UserError, match="seq2seq backbones .* train on label words"):
+        run(tmp_path, models["seq2seq"], data_dir, "--task", "cb", "--class_weights", "balanced", out="t5")
+    with pytest.raises(train.UserError, match="nothing to weight: copa"):
+        run(tmp_path, models["encoder"], data_dir, "--task", "copa", "--class_weights", "balanced", out="copa")
+
+
 # -----------------------------------------------------------------------------
 # Bad input: one clear line, a non-zero exit, no traceback, nothing saved harmed
 

@@ -122,6 +122,10 @@ def build_parser():
     p.add_argument("--group_by_length", action=argparse.BooleanOptionalAction, default=True,
                    help="batch rows of similar length together (less padding, faster)")
     p.add_argument("--head_dropout", type=float, default=0.1, help="dropout inside the task head")
+    p.add_argument("--class_weights", choices=["none", "balanced"], default="none",
+                   help="balanced: weight each class's cross-entropy by n / (n_classes * its train count), so a "
+                   "rare class (CB's neutral, 16 of 250) counts as much as a common one; for classification heads "
+                   "(encoder/decoder backbones), not for tasks that pick a candidate (COPA, ReCoRD)")
     p.add_argument("--seed", type=int, default=42, help="seeds data order, init, dropout and router noise")
 
     # --- evaluation, checkpoints, outputs ---
@@ -688,15 +692,26 @@ class TaskModel(nn.Module):
         return None, (logits[:, 0] if TASKS[task].choose else logits)
 
 
-def group_loss_and_predictions(model, batch, groups, task):
-    """Run a batch; return the training loss (or None) and the predicted choice per group."""
+def balanced_class_weights(groups, n_classes):
+    """n / (n_classes * count_c) per class c over the labelled train groups: the mean weight per example
+    is 1, and every class carries the same total weight (sklearn's 'balanced'). (n_classes,)"""
+    counts = Counter(g.gold[0] for g in groups if g.gold)
+    n = sum(counts.values())
+    return torch.tensor([n / (n_classes * counts[c]) if counts[c] else 0.0 for c in range(n_classes)])
+
+
+def group_loss_and_predictions(model, batch, groups, task, class_weights=None):
+    """Run a batch; return the training loss (or None) and the predicted choice per group.
+    class_weights: (n_labels,) weights of the classification cross-entropy, or None (all 1)."""
     lm_loss, scores = model(batch, task)
     gold = [g.gold for g in groups]
     if scores.dim() == 2:  # classification head: one input per group, (G, n_labels)
         preds = scores.argmax(-1).tolist()
         labelled = [i for i, g in enumerate(gold) if g]
-        loss = F.cross_entropy(scores[labelled], torch.tensor([gold[i][0] for i in labelled], device=scores.device)) \
-            if labelled else None
+        weight = class_weights.to(scores.device) if class_weights is not None else None
+        # with weights, F.cross_entropy divides by the batch's summed weight: a weighted mean
+        loss = F.cross_entropy(scores[labelled], torch.tensor([gold[i][0] for i in labelled], device=scores.device),
+                               weight=weight) if labelled else None
         return loss, preds
     # one score per input: pad each group's scores into a row, -inf where a group has fewer inputs
     per_group = nn.utils.rnn.pad_sequence(list(scores.split(batch["sizes"])), batch_first=True,
@@ -989,6 +1004,13 @@ def main(argv=None):
     if family == "seq2seq" and method == "head_only":
         raise UserError("--method head_only needs a task head, and seq2seq backbones (T5) have none: they score "
                         "label words with their own LM head; use an encoder or decoder backbone")
+    if args.class_weights == "balanced" and not args.eval_only:
+        if family == "seq2seq":
+            raise UserError("--class_weights balanced weights a classification head, and seq2seq backbones (T5) "
+                            "train on label words instead; drop the flag or use an encoder or decoder backbone")
+        if all(TASKS[n].choose for n in names):
+            raise UserError(f"--class_weights balanced has nothing to weight: {', '.join(names)} pick a candidate "
+                            "rather than a class; drop the flag")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     head_names = sorted({head_key(n) for n in names})
     resume_from = last_dir if args.resume else args.checkpoint
@@ -1022,6 +1044,9 @@ def main(argv=None):
     # --- 5. the loop: train, evaluate every epoch (or --eval_steps), keep the best, save last/ ---
     if not args.eval_only:
         train_groups = {n: encoded[n]["train"] for n in names}
+        # --class_weights balanced: per classification task, from its train labels (None = unweighted)
+        class_weights = {n: balanced_class_weights(train_groups[n], len(TASKS[n].label_names))
+                         if args.class_weights == "balanced" and not TASKS[n].choose else None for n in names}
         optimizer_groups = parameter_groups(model, args)
         if args.optimizer == "adafactor":
             optimizer = Adafactor(optimizer_groups, lr=args.lr, relative_step=False, scale_parameter=False,
@@ -1115,7 +1140,8 @@ def main(argv=None):
                 name, indices = batches[i]
                 batch_groups = [train_groups[name][j] for j in indices]
                 with autocast():
-                    loss, _ = group_loss_and_predictions(model, collate(batch_groups, pad_id, device), batch_groups, name)
+                    loss, _ = group_loss_and_predictions(model, collate(batch_groups, pad_id, device), batch_groups,
+                                                         name, class_weights[name])
                     loss = loss + getattr(model.core, "aux_loss", 0.0)  # MEPT's balance term (0 unless asked)
                 (loss / args.gradient_accumulation_steps).backward()
                 running_loss, running_n = running_loss + loss.item(), running_n + 1
