@@ -101,6 +101,12 @@ def summarise(args):
     table = ["| task | method | metric | validation, mean ± std over seeds | seeds | trainable params | "
              "activated prompt params per input | s / epoch |", "|---|---|---|---|---|---|---|---|"] + rows
     table += ["", "| task | paired difference in accuracy (points) | per seed | mean |", "|---|---|---|---|"] + paired
+    # the yardstick: each method's accuracy averaged over CB and RTE (means over seeds first)
+    acc = {(t, m): a for t, m, _, a, _ in points}
+    both = [m for m in args.methods if ("cb", m) in acc and ("rte", m) in acc]
+    if both:
+        table += ["", "| method | mean of CB and RTE accuracy |", "|---|---|"]
+        table += [f"| {m} | {(acc['cb', m] + acc['rte', m]) / 2:.1f} |" for m in both]
     with open(os.path.join(ROOT, "experiments", "results.md"), "w") as f:
         f.write("\n".join(table) + "\n")
     print("\n".join(table))
