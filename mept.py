@@ -253,13 +253,12 @@ class MEPT(nn.Module):
         self.slot_offset = 0 if (self.is_encoder_decoder or self.is_causal) else 1
 
         embed = backbone.get_input_embeddings()
-        d_model = embed.weight.shape[1]
-        scales = self._hidden_scales(embed) if config.init == "vocab" else {}
+        entrances = self._block_entrances(embed)  # {l > 0: (width D_l, typical row norm)} of the hidden states
         self.prompts = nn.ModuleDict()
         for layer in self.layers:
-            rows = self._init_rows(embed.weight, config.n_experts * config.prompt_len)  # (E*P, D)
-            rows = rows * scales.get(layer, 1.0)
-            self.prompts[str(layer)] = ExpertPrompts(config, d_model, rows)
+            width, norm = entrances.get(layer, (embed.weight.shape[1], None))  # block 0: the embeddings
+            rows = self._init_rows(embed.weight, config.n_experts * config.prompt_len, width, norm)  # (E*P, D_l)
+            self.prompts[str(layer)] = ExpertPrompts(config, width, rows)
 
         # block 0 is routed in forward(); every later block routes in a removable pre-hook
         self._handles = [self.blocks[l].register_forward_pre_hook(self._make_hook(l), with_kwargs=True)
@@ -268,27 +267,36 @@ class MEPT(nn.Module):
         self.routing, self.aux_loss = {}, torch.zeros(())
 
     # --- initialisation ------------------------------------------------------
-    def _init_rows(self, vocab, n_rows):
+    def _init_rows(self, vocab, n_rows, width, norm):
+        """(n_rows, width) initial expert rows for a block whose hidden rows have a typical `norm`.
+
+        init="random": N(0, 1), far off the manifold. init="vocab" (Lester et al.): sampled rows of the
+        vocabulary embedding; for a block l > 0 rescaled to its hidden-state scale: in a post-LN
+        encoder (BERT, MiniLM) hidden rows have norm ~10-20 but embedding rows ~1, so deep experts
+        would start an order of magnitude too small. Block 0's prompt is inserted as an embedding,
+        so it keeps the vocabulary's scale. Where the hidden states are wider than the embeddings
+        (ELECTRA-small: 128 vs 256), vocabulary rows cannot live there: N(0, 1) rows at that scale.
+        """
         if self.config.init == "random":
-            return torch.randn(n_rows, vocab.shape[1])  # (E*P, D): N(0, 1), far off the manifold
+            return torch.randn(n_rows, width)  # (E*P, D_l)
+        if width != vocab.shape[1]:
+            return torch.randn(n_rows, width) * (norm / width ** 0.5)  # (E*P, D_l): row norms ~ norm
         pick = torch.randint(0, vocab.shape[0], (n_rows,))  # (E*P,)
-        return vocab.detach()[pick].float().cpu()  # (E*P, D): sampled vocabulary rows (Lester et al.)
+        rows = vocab.detach()[pick].float().cpu()  # (E*P, D)
+        if norm is None:
+            return rows  # block 0
+        return rows * (norm / vocab.detach().float().norm(dim=-1).median().item())  # (E*P, D): rows ~ norm
 
     @torch.no_grad()
-    def _hidden_scales(self, embed):
-        """Per block: (typical hidden row norm at its entrance) / (typical embedding row norm).
-
-        In a post-LN encoder (BERT, MiniLM) hidden rows have norm ~10-20 but embedding rows ~1,
-        so deep experts sampled from the vocabulary would start an order of magnitude too small.
-        One probe forward on random tokens measures each block's input scale; experts of block
-        l > 0 are rescaled to it. Block 0's prompt is inserted as an embedding, so it keeps 1.
-        """
-        norms = {}
+    def _block_entrances(self, embed):
+        """Per routed block l > 0: (width, typical row norm) of the hidden states at its entrance,
+        measured by one probe forward of the bare stack on random tokens."""
+        seen = {}
 
         def measure(layer):
             def hook(block, args, kwargs):
-                hidden = args[0] if args else kwargs["hidden_states"]  # (2, 16, D)
-                norms[layer] = hidden.float().norm(dim=-1).median()  # a typical row norm
+                hidden = args[0] if args else kwargs["hidden_states"]  # (2, 16, D_l)
+                seen[layer] = (hidden.shape[-1], hidden.float().norm(dim=-1).median().item())
             return hook
 
         handles = [self.blocks[l].register_forward_pre_hook(measure(l), with_kwargs=True) for l in self.layers if l > 0]
@@ -304,8 +312,7 @@ class MEPT(nn.Module):
             runner.train(was_training)
             for h in handles:
                 h.remove()
-        vocab_norm = embed.weight.float().norm(dim=-1).median()
-        return {l: (n / vocab_norm).item() for l, n in norms.items()}
+        return seen
 
     # --- the forward pass -----------------------------------------------------
     def _insert(self, seq, slots):

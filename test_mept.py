@@ -458,6 +458,28 @@ def test_vocab_init_matches_each_blocks_hidden_scale():
     assert deep_norm > 2 * embed_norm, "post-LN hidden rows are far larger than embedding rows"
 
 
+
+def test_blocks_wider_than_the_embeddings_get_experts_of_their_own_width():
+    """ELECTRA-small projects 128-wide embeddings to 256-wide hidden states before block 0's output
+    moves on: block 0's experts are embedding-wide, later blocks' are hidden-wide, at the hidden scale."""
+    from transformers import ElectraConfig, ElectraModel
+
+    torch.manual_seed(0)
+    cfg = ElectraConfig(vocab_size=VOCAB, embedding_size=D // 2, hidden_size=D, num_hidden_layers=N_BLOCKS,
+                        num_attention_heads=2, intermediate_size=40, max_position_embeddings=64,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = MEPT(ElectraModel(cfg).eval(), MEPTConfig(n_experts=E, prompt_len=P, top_k=K))
+    assert model.prompts["0"].expert_pool.shape == (E, P, D // 2)
+    assert all(model.prompts[str(l)].expert_pool.shape == (E, P, D) for l in range(1, N_BLOCKS))
+    ids, mask = batch()
+    out = model(ids, mask).last_hidden_state  # (B, P+T, D)
+    assert out.shape == (B, P + T, D) and set(model.routing) == set(range(N_BLOCKS))
+    out.pow(2).mean().backward()
+    assert all(model.prompts[str(l)].expert_pool.grad is not None for l in range(N_BLOCKS))
+    hidden_norm = model.backbone(ids, mask, output_hidden_states=True).hidden_states[1].norm(dim=-1).median()
+    deep_norm = model.prompts["1"].expert_pool.detach().norm(dim=-1).median()
+    assert 0.5 < deep_norm / hidden_norm < 2, "deep experts start near the hidden-state scale"
+
 # -----------------------------------------------------------------------------
 # The notebook runs top to bottom (real model and real CB; skipped when either is absent)
 

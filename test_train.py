@@ -336,6 +336,31 @@ def test_every_method_runs_and_its_checkpoint_reloads(tmp_path, data_dir, models
     assert again["metrics"] == results["metrics"], "reloading best/ must reproduce the reported metrics"
 
 
+@pytest.mark.parametrize("kind", ["electra_small", "opt_350m"])
+def test_backbones_whose_widths_change_inside_train_and_reload(tmp_path, data_dir, kind):
+    """ELECTRA-small: 16-wide embeddings, 32-wide blocks (128/256 in the real one). OPT-350m: 16-wide
+    embeddings and output around 32-wide blocks (512/1024). The experts and the head follow the model."""
+    from transformers import ElectraConfig, ElectraModel, OPTConfig, OPTModel
+
+    family = "encoder" if kind == "electra_small" else "decoder"
+    tokenizer, vocab_size = tiny_tokenizer(family)
+    torch.manual_seed(0)
+    if kind == "electra_small":
+        model = ElectraModel(ElectraConfig(vocab_size=vocab_size, embedding_size=16, hidden_size=32, num_hidden_layers=2,
+                                           num_attention_heads=4, intermediate_size=64, max_position_embeddings=128))
+    else:
+        model = OPTModel(OPTConfig(vocab_size=vocab_size, hidden_size=32, word_embed_proj_dim=16, num_hidden_layers=2,
+                                   num_attention_heads=4, ffn_dim=64, max_position_embeddings=128))
+    folder = str(tmp_path / kind)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    results, out = run(tmp_path, folder, data_dir, "--task", "cb")
+    assert results["family"] == family
+    again, _ = run(tmp_path, folder, data_dir, "--task", "cb", "--eval_only", "--checkpoint", os.path.join(out, "best"),
+                   out="reload")
+    assert again["metrics"] == results["metrics"]
+
+
 def test_checkpoint_reload_reproduces_the_metrics(tmp_path, data_dir, models):
     for family in ("seq2seq", "encoder", "decoder"):
         results, out = run(tmp_path, models[family], data_dir, "--task", "copa", "--num_epochs", "2", out=family)

@@ -781,6 +781,20 @@ def read_run_config(directory):
         return json.load(f)
 
 
+@torch.no_grad()
+def output_width(backbone):
+    """Width of last_hidden_state, what a head reads: hidden_size, except where a model projects its
+    output back down (OPT-350m: 1024 -> 512). A probe forward of two tokens, in eval mode (no dropout,
+    so the seeded random stream is untouched), tells."""
+    was_training = backbone.training
+    ids = torch.tensor([[0, 1]], device=backbone.device)  # (1, 2)
+    try:
+        backbone.eval()
+        return backbone(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state.shape[-1]
+    finally:
+        backbone.train(was_training)
+
+
 def build_model(backbone, family, method, mept_config, head_names, head_dropout, checkpoint=None):
     """Wrap the backbone for the method, add heads, and (optionally) restore a checkpoint's weights."""
     if method in mept.PRESETS:
@@ -793,9 +807,9 @@ def build_model(backbone, family, method, mept_config, head_names, head_dropout,
         backbone.requires_grad_(method == "finetune")  # head_only: a linear probe on a frozen backbone
         if checkpoint and method == "finetune":
             backbone.load_state_dict(load_file(os.path.join(checkpoint, "backbone.safetensors")))
-    d_model = backbone.config.hidden_size
     heads = nn.ModuleDict()
     if family != "seq2seq":
+        d_model = output_width(backbone)
         for name in head_names:
             heads[name] = Head(d_model, 1 if TASKS[name].choose else len(TASKS[name].label_names), head_dropout)
     if checkpoint and len(heads):
