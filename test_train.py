@@ -220,6 +220,11 @@ def test_axg_gender_parity_is_the_share_of_pairs_with_identical_predictions():
     assert metrics == pytest.approx({"accuracy": 0.75, "gender_parity": 0.5}), metrics
 
 
+def test_hub_config_names_are_accepted_as_task_names():
+    assert train.parse_tasks("WSC.fixed, cb,wsc") == ["wsc", "cb"]
+    assert train.parse_tasks("AX-b") == ["axb"]
+
+
 def test_accuracy_tasks_report_accuracy():
     assert train.accuracy_metrics(train.TASKS["rte"], [{"label": 0}, {"label": 1}], [0, 0]) == {"accuracy": 0.5}
 
@@ -485,8 +490,16 @@ def test_bad_inputs_each_get_a_clear_message(tmp_path, data_dir, models):
     ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
                        image_size=8, patch_size=4)).save_pretrained(vit)
 
+    small = str(tmp_path / "small_vocab")  # a model whose embedding table is smaller than its tokenizer
+    tokenizer, _ = tiny_tokenizer("encoder")
+    from transformers import BertConfig, BertModel
+    BertModel(BertConfig(vocab_size=10, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                         intermediate_size=64)).save_pretrained(small)
+    tokenizer.save_pretrained(small)
+
     cases = [
         (["--task", "cola"], "unknown task 'cola'"),
+        (["--task", "cb", "--model", small], "tokenizer .* has \\d+ tokens but the model's embedding table only 10 rows"),
         (["--task", "cb", "--data_dir", str(tmp_path / "nowhere")], "data folder .*nowhere does not exist"),
         (["--task", "boolq", "--data_dir", str(broken)], r"missing file .*BoolQ.train\.jsonl"),
         (["--task", "copa", "--data_dir", str(broken)], r"COPA.train\.jsonl line 2: not valid JSON"),

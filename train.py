@@ -647,6 +647,10 @@ def load_backbone(name_or_path):
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as e:
         raise UserError(f"could not load a tokenizer for {name_or_path}: {str(e).splitlines()[0]}") from None
+    rows = backbone.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:  # token ids past the table would crash deep inside the first forward
+        raise UserError(f"the tokenizer of {name_or_path} has {len(tokenizer)} tokens but the model's embedding "
+                        f"table only {rows} rows; they do not belong together (after adding tokens, resize the embeddings)")
     return backbone, tokenizer, family
 
 
@@ -886,8 +890,12 @@ def format_metrics(metrics):
 # main: arguments -> data -> model -> loop (train, evaluate, checkpoint) -> final results
 
 
+ALIASES = {"wsc.fixed": "wsc", "ax-b": "axb", "ax-g": "axg"}
+
+
 def parse_tasks(spec):
-    names = list(dict.fromkeys(t.strip().lower() for t in spec.split(",") if t.strip()))
+    # the Hub's config names are accepted too: wsc.fixed (what we load) and wsc (the unfixed one) both mean WSC
+    names = list(dict.fromkeys(ALIASES.get(t.strip().lower(), t.strip().lower()) for t in spec.split(",") if t.strip()))
     unknown = [n for n in names if n not in TASKS]
     if unknown or not names:
         raise UserError(f"unknown task {unknown[0] if unknown else spec!r}; choose from {', '.join(sorted(TASKS))} "
