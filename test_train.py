@@ -294,6 +294,12 @@ def test_every_task_trains_evaluates_and_predicts(tmp_path, data_dir, models, fa
         results, out = run(tmp_path, models[family], data_dir, "--task", task, "--predict", out=task)
         assert set(results["metrics"][task]) == official.get(task, {"accuracy"}), (task, results["metrics"])
         assert results["family"] == family
+        if task in ("copa", "record"):  # a candidate is picked, not a class
+            assert task not in results["predicted"]
+        else:  # every validation row's prediction counted under its class name
+            names = train.TASKS[task].label_names
+            assert list(results["predicted"][task]) == list(names) and sum(results["predicted"][task].values()) == \
+                results["n_rows"][task]["report"], results["predicted"]
         entry = read_log(out)[-1]
         assert {"epoch", "step", "loss", "lr", "metrics", "elapsed", "expert_load"} <= set(entry), entry
         assert set(entry["expert_load"][task]) == {"0", "1"}, "expert load is logged for every routed layer"

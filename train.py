@@ -1202,8 +1202,11 @@ def main(argv=None):
                             None, head_names, args.head_dropout, best_dir).to(device)
 
     # --- 6. final: official metrics of the best checkpoint, predictions, results.json ---
-    metrics, _, load = evaluate_all("report")
+    metrics, report_preds, load = evaluate_all("report")
     results.update(metrics=metrics, expert_load=load, wall_time_seconds=round(time.time() - started, 1))
+    # how often each class is predicted: a class never predicted (CB's neutral) caps macro-F1, say so
+    results["predicted"] = {n: {label: sum(p == i for p in preds) for i, label in enumerate(TASKS[n].label_names)}
+                            for n, preds in report_preds.items() if TASKS[n].label_names and not TASKS[n].choose}
     if args.predict:
         _, test_preds, _ = evaluate_all("test")
         for n, preds in test_preds.items():

@@ -72,7 +72,7 @@ def summarise(args):
                     with open(os.path.join(run_dir, "log.jsonl")) as f:
                         logs[setting, method, seed] = [json.loads(line) for line in f]
 
-    rows, points, paired = [], [], []
+    rows, points, paired, predicted = [], [], [], []
     for setting in args.tasks:
         task = setting.partition(":")[0]  # the metrics are stored under the task's name
         for method in args.methods:
@@ -91,6 +91,11 @@ def summarise(args):
                         f"{activated_text} | {statistics.median(per_epoch):.0f} |")
             points.append((setting, method, trainable, statistics.mean(metrics["accuracy"]),
                            statistics.stdev(metrics["accuracy"]) if len(runs) > 1 else 0.0))
+            # how often each class is predicted on validation (runs from before train.py logged it lack it)
+            counted = [r["predicted"][task] for r in runs if task in r.get("predicted", {})]
+            if counted:
+                predicted.append(f"| {setting} | {method} | " + ", ".join(
+                    f"{label} {statistics.mean(c[label] for c in counted):.1f}" for label in counted[0]) + f" | {len(counted)} |")
             # paired by seed (the same seed gives every method the same batches): MEPT minus this baseline
             both = [s for s in seeds if (setting, "mept", s) in results]
             diffs = [100 * (results[setting, "mept", s]["metrics"][task]["accuracy"]
@@ -101,6 +106,9 @@ def summarise(args):
     table = ["| task | method | metric | validation, mean ± std over seeds | seeds | trainable params | "
              "activated prompt params per input | s / epoch |", "|---|---|---|---|---|---|---|---|"] + rows
     table += ["", "| task | paired difference in accuracy (points) | per seed | mean |", "|---|---|---|---|"] + paired
+    if predicted:
+        table += ["", "| task | method | validation predictions per class (mean over seeds) | seeds |",
+                  "|---|---|---|---|"] + predicted
     # the yardstick: each method's accuracy averaged over CB and RTE (means over seeds first)
     acc = {(t, m): a for t, m, _, a, _ in points}
     both = [m for m in args.methods if ("cb", m) in acc and ("rte", m) in acc]
