@@ -124,24 +124,17 @@ def gather_experts(expert_pool, expert_idx, gate):
 
     expert_pool (E, P, D), expert_idx (B, K) long, gate (B, K) float -> mixed_prompt (B, P, D).
 
-    Flat-index arithmetic on both sides. The pool: element (e, p, d) sits at flat offset
-    e*(P*D) + p*D + d, so expert e's whole prompt is row e of the (E, P*D) view, one contiguous run
-    of memory. The choices: flattening (B, K) puts expert_idx[b, k] at position b*K + k. So ONE
-    index_select fetches row expert_idx[b, k] into row b*K + k for every example and every k, a view
-    turns row b*K + k back into [b, k], and ONE batched weighted sum (a bmm) weights the K rows of
-    each example by its gates and adds them. The same code serves K = 1 and K > 1, and no Python
-    loop runs over B or K.
+    View the pool as E*P rows of length D: row e*P + p is slot p of expert e. Then the
+    rows an example needs are expert_idx * P + [0, 1, ..., P-1], and ONE index_select fetches
+    the rows of every example and every k; ONE batched weighted sum (a bmm) weights them by the
+    gates and sums over k. The same code serves K = 1 and K > 1, and no Python loop runs over B or K.
 
-    Worked by hand: E=3, P=2, so the (E, P*D) rows are e0 = [e0p0, e0p1], e1, e2.
-      expert_idx = [[2, 0], [1, 2]], gate = [[0.7, 0.2], [0.5, 0.4]]     (B=2, K=2)
-      flat       = [2, 0, 1, 2]                       positions b*K + k = 0, 1, 2, 3
-      picked     = [e2, e0, e1, e2] -> [[e2, e0], [e1, e2]]              (B*K, P*D) -> (B, K, P*D)
-      mixed[0]   = 0.7 * e2 + 0.2 * e0,  mixed[1] = 0.5 * e1 + 0.4 * e2   (B, P*D) -> (B, P, D)
+    Worked by hand: E=3, P=2, so the flat rows are [e0p0, e0p1, e1p0, e1p1, e2p0, e2p1].
+      expert_idx = [[2, 0]], gate = [[0.7, 0.2]]          (B=1, K=2)
+      rows       = [[2, 0]] * 2 + [0, 1] -> [[[4, 5], [0, 1]]]   (1, 2, 2)
+      picked     = flat[rows] = [[[e2p0, e2p1], [e0p0, e0p1]]]    (1, 2, 2, D)
+      mixed[0]   = 0.7 * [e2p0, e2p1] + 0.2 * [e0p0, e0p1]        (1, 2, D)
     Oracle: test_gather_matches_per_example_loop compares this with a double loop.
-
-    Why whole-expert rows: B*K rows of P*D numbers are the same bytes as B*K*P rows of D (the index
-    expert_idx*P + p), in a tenth as many row copies; side by side on one CPU thread the two were
-    within 10%, so the simpler index wins.
 
     When it is fast: the work is B*K*P*D copies plus one weighted sum, whatever E is; a dense mixture
     (scatter the gates into (B, E), then w @ pool) does B*E*P*D multiply-adds, and a per-example loop
@@ -154,9 +147,12 @@ def gather_experts(expert_pool, expert_idx, gate):
     """
     n_experts, prompt_len, d_model = expert_pool.shape  # E, P, D
     batch, top_k = expert_idx.shape  # B, K
-    flat_pool = expert_pool.reshape(n_experts, prompt_len * d_model)  # (E, P*D): row e is expert e's whole prompt
-    picked = flat_pool.index_select(0, expert_idx.reshape(batch * top_k))  # (B*K, P*D): row b*K + k is expert_idx[b, k]
-    picked = picked.view(batch, top_k, prompt_len * d_model)  # (B, K, P*D): row b*K + k back to [b, k]
+    flat_pool = expert_pool.reshape(n_experts * prompt_len, d_model)  # (E*P, D)
+    slot = torch.arange(prompt_len, device=expert_idx.device)  # (P,)
+    # rows = expert_idx * P + slot, as one fused op (slot + P * idx); broadcast (P,) with (B, K, 1)
+    rows = torch.add(slot, expert_idx.unsqueeze(-1), alpha=prompt_len)  # (B, K, P): flat row of (expert, slot)
+    picked = flat_pool.index_select(0, rows.reshape(-1))  # (B*K*P, D)
+    picked = picked.view(batch, top_k, prompt_len * d_model)  # (B, K, P*D)
     # the one batched weighted sum over k, as B tiny (1, K) @ (K, P*D) products in one call:
     # mixed[b] = sum_k gate[b, k] * picked[b, k]  (an einsum says the same; its set-up measured slower)
     mixed = torch.bmm(gate.to(picked.dtype).unsqueeze(1), picked)  # (B, 1, K) @ (B, K, P*D) -> (B, 1, P*D)
