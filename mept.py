@@ -250,10 +250,11 @@ class MEPT(nn.Module):
 
         embed = backbone.get_input_embeddings()
         entrances = self._block_entrances(embed)  # {l > 0: (width D_l, typical row norm)} of the hidden states
+        vocab_norm = embed.weight.detach().float().norm(dim=-1).median().item()  # a typical embedding row norm
         self.prompts = nn.ModuleDict()
         for layer in self.layers:
             width, norm = entrances.get(layer, (embed.weight.shape[1], None))  # block 0: the embeddings
-            rows = self._init_rows(embed.weight, config.n_experts * config.prompt_len, width, norm)  # (E*P, D_l)
+            rows = self._init_rows(embed.weight, config.n_experts * config.prompt_len, width, norm, vocab_norm)
             self.prompts[str(layer)] = ExpertPrompts(config, width, rows)
 
         # block 0 is routed in forward(); every later block routes in a removable pre-hook
@@ -263,8 +264,9 @@ class MEPT(nn.Module):
         self.routing, self.aux_loss = {}, torch.zeros(())
 
     # --- initialisation ------------------------------------------------------
-    def _init_rows(self, vocab, n_rows, width, norm):
-        """(n_rows, width) initial expert rows for a block whose hidden rows have a typical `norm`.
+    def _init_rows(self, vocab, n_rows, width, norm, vocab_norm):
+        """(n_rows, width) initial expert rows for a block whose hidden rows have a typical `norm`
+        (None for block 0); vocab_norm is the typical row norm of the vocabulary embedding.
 
         init="random": N(0, 1), far off the manifold. init="vocab" (Lester et al.): sampled rows of the
         vocabulary embedding; for a block l > 0 rescaled to its hidden-state scale: in a post-LN
@@ -281,7 +283,7 @@ class MEPT(nn.Module):
         rows = vocab.detach()[pick].float().cpu()  # (E*P, D)
         if norm is None:
             return rows  # block 0
-        return rows * (norm / vocab.detach().float().norm(dim=-1).median().item())  # (E*P, D): rows ~ norm
+        return rows * (norm / vocab_norm)  # (E*P, D): rows ~ norm
 
     @torch.no_grad()
     def _block_entrances(self, embed):
