@@ -124,38 +124,43 @@ def gather_experts(expert_pool, expert_idx, gate):
 
     expert_pool (E, P, D), expert_idx (B, K) long, gate (B, K) float -> mixed_prompt (B, P, D).
 
-    View the pool as E*P rows of length D: row e*P + p is slot p of expert e. Then the
-    rows an example needs are expert_idx * P + [0, 1, ..., P-1], and ONE index_select fetches
-    the rows of every example and every k; ONE batched weighted sum (an einsum) weights them by the
-    gates and sums over k. The same code serves K = 1 and K > 1, and no Python loop runs over B or K.
+    Flat-index arithmetic: in memory the pool is E*P rows of length D, and slot p of expert e is
+    row e*P + p. The P rows of expert e, e*P + 0 ... e*P + P-1, are one contiguous run, so they are
+    also row e of the same memory viewed as (E, P*D). ONE index_select with the flattened (B*K,)
+    expert ids (entry b*K + k) therefore fetches every example's every expert, P slots at a time;
+    ONE batched matrix product, the gates as a (B, 1, K) row times the fetched (B, K, P*D), weights
+    them and sums over k. The same code serves K = 1 and K > 1; no Python loop runs over B or K.
 
     Worked by hand: E=3, P=2, so the flat rows are [e0p0, e0p1, e1p0, e1p1, e2p0, e2p1].
-      expert_idx = [[2, 0]], gate = [[0.7, 0.2]]          (B=1, K=2)
-      rows       = [[2, 0]] * 2 + [0, 1] -> [[[4, 5], [0, 1]]]   (1, 2, 2)
-      picked     = flat[rows] = [[[e2p0, e2p1], [e0p0, e0p1]]]    (1, 2, 2, D)
-      mixed[0]   = 0.7 * [e2p0, e2p1] + 0.2 * [e0p0, e0p1]        (1, 2, D)
+      expert_idx = [[2, 0]], gate = [[0.7, 0.2]]                   (B=1, K=2)
+      rows e*P+p = [[2, 0]] * 2 + [0, 1] -> [[[4, 5], [0, 1]]]      (1, 2, P): runs starting at 2*P and 0*P
+      picked     = (E, P*D) view rows [2, 0] = [[e2p0 e2p1], [e0p0 e0p1]]   (1, 2, P*D)
+      mixed[0]   = [[0.7, 0.2]] @ picked = 0.7 * [e2p0 e2p1] + 0.2 * [e0p0 e0p1]   (1, 1, P*D) -> (1, P, D)
     Oracle: test_gather_matches_per_example_loop compares this with a double loop.
+
+    Why whole runs and a bmm (experiments/bench_gather_variants.py times the other ways side by side):
+    fetching the B*K*P single rows e*P + p costs one copy, and in the backward one scatter-add, per
+    row, where B*K runs move the same bytes in P times fewer steps (single rows took 1.05-1.1x the
+    time); an einsum "bk,bkn->bn" parses its equation and reshapes on every call before reaching the
+    same bmm (single rows with an einsum, this function's first form, took 1.4x the time forward).
 
     When it is fast: the work is B*K*P*D copies plus one weighted sum, whatever E is; a dense mixture
     (scatter the gates into (B, E), then w @ pool) does B*E*P*D multiply-adds, and a per-example loop
     launches B*K tiny ops. On a GPU the gather is one kernel instead of B*K launches, and it never
     touches the E-K experts an example did not pick. Dense matmul is competitive while E is small,
     above all on a CPU: its small pool stays in cache and it writes only the (B, P*D) output, while
-    the gather writes and rereads a (B, K, P*D) copy (2 MB at B=32, K=2, P=10, D=768), so it is
-    memory-bound. At E=64 dense does 64x the multiply-adds and the gather wins (`python mept.py`
-    prints both; the README quotes them).
+    the gather writes and rereads a (B, K, P*D) copy (2 MB at B=32, K=2, P=10, D=768), and glibc's
+    malloc hands buffers that size back to the OS when freed, so the next call page-faults them in
+    again (at E=8 that doubles the forward+backward time). At E=64 dense does 64x the multiply-adds
+    and the gather wins clearly. The README quotes all of it.
     """
     n_experts, prompt_len, d_model = expert_pool.shape  # E, P, D
     batch, top_k = expert_idx.shape  # B, K
-    flat_pool = expert_pool.reshape(n_experts * prompt_len, d_model)  # (E*P, D)
-    slot = torch.arange(prompt_len, device=expert_idx.device)  # (P,)
-    # rows = expert_idx * P + slot, as one fused op (slot + P * idx); broadcast (P,) with (B, K, 1)
-    rows = torch.add(slot, expert_idx.unsqueeze(-1), alpha=prompt_len)  # (B, K, P): flat row of (expert, slot)
-    picked = flat_pool.index_select(0, rows.reshape(-1))  # (B*K*P, D)
+    expert_rows = expert_pool.reshape(n_experts, prompt_len * d_model)  # (E, P*D): row e = flat rows e*P ... e*P+P-1
+    picked = expert_rows.index_select(0, expert_idx.reshape(-1))  # (B*K, P*D): entry b*K + k is expert idx[b, k]
     picked = picked.view(batch, top_k, prompt_len * d_model)  # (B, K, P*D)
-    # the one batched weighted sum over k (a bmm of (B, 1, K) @ (B, K, P*D) measured no faster forward and
-    # slower backward on a quiet CPU)
-    mixed = torch.einsum("bk,bkn->bn", gate.to(picked.dtype), picked)  # (B, P*D)
+    weights = gate.to(picked.dtype).unsqueeze(1)  # (B, 1, K): one row of gates per example
+    mixed = torch.bmm(weights, picked)  # (B, 1, K) @ (B, K, P*D) -> (B, 1, P*D): the weighted sum over k
     return mixed.view(batch, prompt_len, d_model)  # (B, P, D)
 
 
@@ -447,8 +452,9 @@ if __name__ == "__main__":
         return time.perf_counter() - start
 
     torch.set_num_threads(1)
-    B, P, D, repeats = 32, 10, 768, 100
-    print(f"\ngather benchmark, 1 CPU thread, B={B} P={P} D={D}, median of {repeats} interleaved repeats")
+    B, P, D, repeats = 32, 10, 768, 200
+    order = torch.Generator().manual_seed(0)
+    print(f"\ngather benchmark, 1 CPU thread, B={B} P={P} D={D}, median of {repeats} repeats interleaved in random order")
     print("targets: fwd+bwd >= 5x faster than the loop; at E=8 fwd within 1.25x of dense (dense/gather >= 0.80);"
           " at E=64 fwd+bwd >= 1.5x faster than dense")
     for E, K in [(8, 2), (64, 1)]:
@@ -458,10 +464,14 @@ if __name__ == "__main__":
         for backward in (False, True):
             methods = [("gather", gather_experts), ("loop", loop_gather), ("dense", dense_mixture)]
             times = {name: [] for name, _ in methods}
+            for name, fn in methods:  # warm up: the first call of an op pays one-off costs
+                timed(fn, pool, idx, gate, backward)
             for r in range(repeats):
-                # interleaved, so a noisy moment hurts every method alike, and in rotating order, so no
-                # method always runs right after the same other one (whose buffers then fill the cache)
-                for name, fn in methods[r % 3:] + methods[:r % 3]:
+                # interleaved, so a noisy moment hurts every method alike, and in a fresh random order
+                # each time: what ran just before (its freed buffers, the cache it left) moves a method's
+                # time by up to 1.5x here, and a fixed or rotating order always gives it the same neighbour
+                for i in torch.randperm(len(methods), generator=order).tolist():
+                    name, fn = methods[i]
                     times[name].append(timed(fn, pool, idx, gate, backward))
             med = {n: sorted(t)[len(t) // 2] * 1e6 for n, t in times.items()}
             print(f"E={E:2d} K={K} {'fwd+bwd' if backward else 'fwd    '}: gather {med['gather']:7.0f} us | "

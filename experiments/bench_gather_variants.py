@@ -1,0 +1,92 @@
+"""Why mept.py's gather is written the way it is: the ways of writing the same batched top-k gather,
+timed side by side in one run against mept.gather_experts, plus the dense mixture and the loop.
+
+    python experiments/bench_gather_variants.py                 # B=32, P=10, D=768, one thread
+    python experiments/bench_gather_variants.py --repeats 400   # steadier medians
+
+Each variant returns mixed[b] = sum_k gate[b, k] * pool[idx[b, k]] (checked against the loop first).
+Medians of repeats interleaved in a fresh random order, forward and forward+backward; the last column
+divides each time by mept.py's.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from mept import gather_experts  # noqa: E402
+
+
+def single_rows(pool, idx, gate, weighted_sum):
+    """Fetch the B*K*P single rows e*P + p of the (E*P, D) view, then sum over k."""
+    E, P, D = pool.shape  # E, P, D
+    B, K = idx.shape  # B, K
+    rows = torch.add(torch.arange(P, device=idx.device), idx.unsqueeze(-1), alpha=P)  # (B, K, P)
+    picked = pool.reshape(E * P, D).index_select(0, rows.reshape(-1)).view(B, K, P * D)  # (B, K, P*D)
+    return weighted_sum(gate, picked).view(B, P, D)  # (B, P, D)
+
+
+def rows_einsum(pool, idx, gate):  # mept.py until this benchmark: single rows, einsum over k
+    return single_rows(pool, idx, gate, lambda g, x: torch.einsum("bk,bkn->bn", g, x))
+
+
+def rows_bmm(pool, idx, gate):  # single rows, bmm over k
+    return single_rows(pool, idx, gate, lambda g, x: torch.bmm(g.unsqueeze(1), x))
+
+
+def loop(pool, idx, gate):  # the oracle: one tiny op per (b, k)
+    return torch.stack([sum(gate[b, k] * pool[idx[b, k]] for k in range(idx.shape[1])) for b in range(idx.shape[0])])
+
+
+def dense(pool, idx, gate):  # scatter the gates into (B, E), then w @ pool
+    w = torch.zeros(idx.shape[0], pool.shape[0], dtype=gate.dtype).scatter(1, idx, gate)  # (B, E)
+    return (w @ pool.flatten(1)).view(idx.shape[0], *pool.shape[1:])  # (B, P, D)
+
+
+def timed(fn, pool, idx, gate, backward):
+    start = time.perf_counter()
+    out = fn(pool, idx, gate)
+    if backward:
+        out.sum().backward()
+    return time.perf_counter() - start
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=200, help="timed calls per variant and pass")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (the targets are for one)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    order = torch.Generator().manual_seed(0)
+    variants = [("mept.gather_experts (whole runs, bmm)", gather_experts), ("single rows, einsum", rows_einsum),
+                ("single rows, bmm", rows_bmm), ("dense w @ pool", dense), ("per-example loop", loop)]
+    B, P, D = 32, 10, 768
+    print(f"B={B} P={P} D={D}, {args.threads} thread(s), median of {args.repeats} repeats in random order")
+    for E, K in [(8, 2), (64, 1)]:
+        pool = torch.randn(E, P, D, requires_grad=True)
+        gate = torch.rand(B, K, requires_grad=True)
+        idx = torch.stack([torch.randperm(E)[:K] for _ in range(B)])  # (B, K), distinct experts per row
+        want = loop(pool, idx, gate)
+        for name, fn in variants:
+            torch.testing.assert_close(fn(pool, idx, gate), want, msg=f"{name} disagrees with the loop")
+        for backward in (False, True):
+            times = {name: [] for name, _ in variants}
+            for name, fn in variants:  # warm up
+                timed(fn, pool, idx, gate, backward)
+            for _ in range(args.repeats):
+                for i in torch.randperm(len(variants), generator=order).tolist():
+                    name, fn = variants[i]
+                    times[name].append(timed(fn, pool, idx, gate, backward))
+            med = {n: sorted(t)[len(t) // 2] * 1e6 for n, t in times.items()}
+            ours = med[variants[0][0]]
+            print(f"\nE={E} K={K} {'forward + backward' if backward else 'forward'}")
+            for name, us in med.items():
+                print(f"  {name:38s} {us:7.0f} us  {us / ours:5.2f}x mept.py's time")
+
+
+if __name__ == "__main__":
+    main()
