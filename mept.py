@@ -21,6 +21,7 @@ Glossary:  ours             PEFT                   official MEPT code
 
 import json
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from typing import NamedTuple, Optional
 
@@ -423,9 +424,44 @@ class MEPT(nn.Module):
 # -----------------------------------------------------------------------------
 # `python mept.py`: a small demo, then the gather benchmark (medians of interleaved repeats)
 
-if __name__ == "__main__":
-    import time
 
+def loop_gather(pool, idx, gate):
+    """The benchmark's slow baseline and the tests' oracle: one tiny op per (b, k)."""
+    return torch.stack([sum(gate[b, k] * pool[idx[b, k]] for k in range(idx.shape[1])) for b in range(idx.shape[0])])
+
+
+def dense_mixture(pool, idx, gate):
+    """The benchmark's dense baseline: scatter the gates into (B, E), then w @ pool over all E experts."""
+    w = torch.zeros(idx.shape[0], pool.shape[0], dtype=gate.dtype, device=gate.device).scatter(1, idx, gate)  # (B, E)
+    return (w @ pool.flatten(1)).view(idx.shape[0], *pool.shape[1:])  # (B, P*D) -> (B, P, D)
+
+
+def time_gathers(methods, pool, idx, gate, backward, repeats, order):
+    """Median microseconds per call of each (name, fn) in methods, forward or forward+backward.
+
+    Interleaved, so a noisy moment hurts every method alike, and in a fresh random order each time
+    (drawn from the generator `order`): what ran just before (its freed buffers, the cache it left)
+    moves a method's time by up to 1.5x on a CPU, and a fixed or rotating order always gives each
+    method the same neighbour."""
+
+    def timed(fn):
+        start = time.perf_counter()
+        out = fn(pool, idx, gate)
+        if backward:
+            out.sum().backward()
+        return time.perf_counter() - start
+
+    times = {name: [] for name, _ in methods}
+    for _, fn in methods:  # warm up: the first call of an op pays one-off costs
+        timed(fn)
+    for _ in range(repeats):
+        for i in torch.randperm(len(methods), generator=order).tolist():
+            name, fn = methods[i]
+            times[name].append(timed(fn))
+    return {name: sorted(t)[len(t) // 2] * 1e6 for name, t in times.items()}
+
+
+if __name__ == "__main__":
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
@@ -437,43 +473,19 @@ if __name__ == "__main__":
     print("logits", tuple(out.logits.shape), "| expert_idx per block:",
           {l: r.expert_idx.tolist() for l, r in model.routing.items()})
 
-    def loop_gather(pool, idx, gate):  # the oracle: one tiny op per (b, k)
-        return torch.stack([sum(gate[b, k] * pool[idx[b, k]] for k in range(idx.shape[1])) for b in range(idx.shape[0])])
-
-    def dense_mixture(pool, idx, gate):  # scatter the gates into (B, E), then w @ pool
-        w = torch.zeros(idx.shape[0], pool.shape[0], dtype=gate.dtype).scatter(1, idx, gate)  # (B, E)
-        return (w @ pool.flatten(1)).view(idx.shape[0], *pool.shape[1:])  # (B, P, D)
-
-    def timed(fn, pool, idx, gate, backward):
-        start = time.perf_counter()
-        out = fn(pool, idx, gate)
-        if backward:
-            out.sum().backward()
-        return time.perf_counter() - start
-
     torch.set_num_threads(1)
     B, P, D, repeats = 32, 10, 768, 200
     order = torch.Generator().manual_seed(0)
     print(f"\ngather benchmark, 1 CPU thread, B={B} P={P} D={D}, median of {repeats} repeats interleaved in random order")
     print("targets: fwd+bwd >= 5x faster than the loop; at E=8 fwd within 1.25x of dense (dense/gather >= 0.80);"
           " at E=64 fwd+bwd >= 1.5x faster than dense")
+    methods = [("gather", gather_experts), ("loop", loop_gather), ("dense", dense_mixture)]
     for E, K in [(8, 2), (64, 1)]:
         pool = torch.randn(E, P, D, requires_grad=True)
         gate = torch.rand(B, K, requires_grad=True)
         idx = torch.stack([torch.randperm(E)[:K] for _ in range(B)])  # (B, K), distinct experts per row
         for backward in (False, True):
-            methods = [("gather", gather_experts), ("loop", loop_gather), ("dense", dense_mixture)]
-            times = {name: [] for name, _ in methods}
-            for name, fn in methods:  # warm up: the first call of an op pays one-off costs
-                timed(fn, pool, idx, gate, backward)
-            for r in range(repeats):
-                # interleaved, so a noisy moment hurts every method alike, and in a fresh random order
-                # each time: what ran just before (its freed buffers, the cache it left) moves a method's
-                # time by up to 1.5x here, and a fixed or rotating order always gives it the same neighbour
-                for i in torch.randperm(len(methods), generator=order).tolist():
-                    name, fn = methods[i]
-                    times[name].append(timed(fn, pool, idx, gate, backward))
-            med = {n: sorted(t)[len(t) // 2] * 1e6 for n, t in times.items()}
+            med = time_gathers(methods, pool, idx, gate, backward, repeats, order)
             print(f"E={E:2d} K={K} {'fwd+bwd' if backward else 'fwd    '}: gather {med['gather']:7.0f} us | "
                   f"loop {med['loop']:7.0f} us ({med['loop'] / med['gather']:4.1f}x) | "
                   f"dense {med['dense']:7.0f} us ({med['dense'] / med['gather']:4.2f}x)")

@@ -12,12 +12,11 @@ divides each time by mept.py's.
 import argparse
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mept import gather_experts  # noqa: E402
+from mept import dense_mixture, gather_experts, loop_gather, time_gathers  # noqa: E402
 
 
 def single_rows(pool, idx, gate, weighted_sum):
@@ -37,23 +36,6 @@ def rows_bmm(pool, idx, gate):  # single rows, bmm over k
     return single_rows(pool, idx, gate, lambda g, x: torch.bmm(g.unsqueeze(1), x))
 
 
-def loop(pool, idx, gate):  # the oracle: one tiny op per (b, k)
-    return torch.stack([sum(gate[b, k] * pool[idx[b, k]] for k in range(idx.shape[1])) for b in range(idx.shape[0])])
-
-
-def dense(pool, idx, gate):  # scatter the gates into (B, E), then w @ pool
-    w = torch.zeros(idx.shape[0], pool.shape[0], dtype=gate.dtype).scatter(1, idx, gate)  # (B, E)
-    return (w @ pool.flatten(1)).view(idx.shape[0], *pool.shape[1:])  # (B, P, D)
-
-
-def timed(fn, pool, idx, gate, backward):
-    start = time.perf_counter()
-    out = fn(pool, idx, gate)
-    if backward:
-        out.sum().backward()
-    return time.perf_counter() - start
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=200, help="timed calls per variant and pass")
@@ -63,25 +45,18 @@ def main():
     torch.manual_seed(0)
     order = torch.Generator().manual_seed(0)
     variants = [("mept.gather_experts (whole runs, bmm)", gather_experts), ("single rows, einsum", rows_einsum),
-                ("single rows, bmm", rows_bmm), ("dense w @ pool", dense), ("per-example loop", loop)]
+                ("single rows, bmm", rows_bmm), ("dense w @ pool", dense_mixture), ("per-example loop", loop_gather)]
     B, P, D = 32, 10, 768
     print(f"B={B} P={P} D={D}, {args.threads} thread(s), median of {args.repeats} repeats in random order")
     for E, K in [(8, 2), (64, 1)]:
         pool = torch.randn(E, P, D, requires_grad=True)
         gate = torch.rand(B, K, requires_grad=True)
         idx = torch.stack([torch.randperm(E)[:K] for _ in range(B)])  # (B, K), distinct experts per row
-        want = loop(pool, idx, gate)
+        want = loop_gather(pool, idx, gate)
         for name, fn in variants:
             torch.testing.assert_close(fn(pool, idx, gate), want, msg=f"{name} disagrees with the loop")
         for backward in (False, True):
-            times = {name: [] for name, _ in variants}
-            for name, fn in variants:  # warm up
-                timed(fn, pool, idx, gate, backward)
-            for _ in range(args.repeats):
-                for i in torch.randperm(len(variants), generator=order).tolist():
-                    name, fn = variants[i]
-                    times[name].append(timed(fn, pool, idx, gate, backward))
-            med = {n: sorted(t)[len(t) // 2] * 1e6 for n, t in times.items()}
+            med = time_gathers(variants, pool, idx, gate, backward, args.repeats, order)
             ours = med[variants[0][0]]
             print(f"\nE={E} K={K} {'forward + backward' if backward else 'forward'}")
             for name, us in med.items():
