@@ -294,12 +294,15 @@ class MEPT(nn.Module):
     @torch.no_grad()
     def _block_entrances(self, embed):
         """Per routed block l > 0: (width, typical row norm) of the hidden states at its entrance,
-        measured by one probe forward of the bare stack on random tokens."""
-        seen = {}
+        measured by one probe forward of the bare stack on random tokens. The probe also checks
+        that a hook can route there at all: the block must run through its module call, and its
+        input must be laid out (batch, sequence, width)."""
+        seen, shapes = {}, {}
 
         def measure(layer):
             def hook(block, args, kwargs):
                 hidden = args[0] if args else kwargs["hidden_states"]  # (2, 16, D_l)
+                shapes[layer] = tuple(hidden.shape)
                 seen[layer] = (hidden.shape[-1], hidden.float().norm(dim=-1).median().item())
             return hook
 
@@ -316,6 +319,16 @@ class MEPT(nn.Module):
             runner.train(was_training)
             for h in handles:
                 h.remove()
+        name = type(self.backbone).__name__
+        for layer in [l for l in self.layers if l > 0]:
+            if layer not in shapes:  # e.g. SqueezeBERT calls layer.forward(...), which skips hooks
+                raise ValueError(f"block {layer} of {name} never ran through its module call in a probe forward, so "
+                                 "no hook can route there; use layers=[0] (input-only prompts) with this model.")
+            if len(shapes[layer]) != 3 or shapes[layer][0] != 2 or shapes[layer][1] < 16:
+                # e.g. XLNet (sequence, batch, width), SqueezeBERT (batch, width, sequence), Funnel (pooled)
+                raise ValueError(f"hidden states entering block {layer} of {name} have shape {list(shapes[layer])} for "
+                                 "2 inputs of 16 tokens; MEPT needs (batch, sequence, width) with the whole sequence, "
+                                 "so use layers=[0] (input-only prompts) with this model.")
         return seen
 
     # --- the forward pass -----------------------------------------------------
@@ -335,8 +348,11 @@ class MEPT(nn.Module):
         def hook(block, args, kwargs):
             if self._token_mask is None:
                 return None  # the backbone was called on its own, not through MEPT: leave it alone
-            hidden = args[0] if args else kwargs["hidden_states"]  # (B, P+T, D)
-            tokens = torch.cat([hidden[:, :s], hidden[:, s + P:]], dim=1)  # (B, T, D): real tokens only
+            hidden = args[0] if args else kwargs["hidden_states"]  # (B, P+T, D), or longer: see below
+            # real tokens only; a model that pads the sequence inside (Longformer, to a multiple of its
+            # attention window) hands us (B, P+T+pad, D), and the router must not read that padding
+            T = self._token_mask.shape[1]
+            tokens = torch.cat([hidden[:, :s], hidden[:, s + P:P + T]], dim=1)  # (B, T, D)
             mixed_prompt = self._route(layer, tokens)  # (B, P, D)
             # replace the slots, never concatenate: length, masks and T5's position bias stay valid
             hidden = torch.cat([hidden[:, :s], mixed_prompt, hidden[:, s + P:]], dim=1)  # (B, P+T, D)

@@ -480,6 +480,46 @@ def test_blocks_wider_than_the_embeddings_get_experts_of_their_own_width():
     deep_norm = model.prompts["1"].expert_pool.detach().norm(dim=-1).median()
     assert 0.5 < deep_norm / hidden_norm < 2, "deep experts start near the hidden-state scale"
 
+
+def test_a_model_that_pads_inside_routes_on_its_real_tokens_only():
+    """Longformer pads the sequence to a multiple of its attention window inside its forward, so its
+    blocks see more positions than MEPT inserted; the router must read the real tokens and nothing else."""
+    from transformers import LongformerConfig, LongformerModel
+
+    torch.manual_seed(0)
+    cfg = LongformerConfig(vocab_size=VOCAB, hidden_size=D, num_hidden_layers=N_BLOCKS, num_attention_heads=2,
+                           intermediate_size=40, max_position_embeddings=64, attention_window=[16] * N_BLOCKS,
+                           hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=1)
+    model = MEPT(LongformerModel(cfg).eval(), MEPTConfig(n_experts=E, prompt_len=P, top_k=K)).eval()
+    ids, mask = batch(b=1, t=T)  # P + T = 10 positions, padded to 16 inside
+    plain = model(ids, mask).last_hidden_state  # (1, P+T, D)
+    assert set(model.routing) == set(range(N_BLOCKS))
+    routing_plain = {l: r.probs.clone() for l, r in model.routing.items()}
+    ids_pad = torch.cat([ids, torch.ones(1, 4, dtype=torch.long)], 1)  # (1, T+4): our padding on top of its own
+    padded = model(ids_pad, torch.cat([mask, torch.zeros(1, 4, dtype=torch.long)], 1)).last_hidden_state
+    for l, probs in routing_plain.items():
+        torch.testing.assert_close(model.routing[l].probs, probs, msg=f"padding moved the router at block {l}")
+    torch.testing.assert_close(padded[:, :P + T], plain, atol=1e-5, rtol=1e-4)
+
+
+def test_blocks_no_hook_can_route_raise_a_clear_error_and_input_only_still_works():
+    """XLNet hands its blocks (sequence, batch, width); SqueezeBERT calls layer.forward(), which skips
+    hooks. MEPT must say so at construction, not fail mid-forward or silently route at block 0 only."""
+    from transformers import SqueezeBertConfig, SqueezeBertModel, XLNetConfig, XLNetModel
+
+    torch.manual_seed(0)
+    xlnet = XLNetModel(XLNetConfig(vocab_size=VOCAB, d_model=D, n_layer=N_BLOCKS, n_head=2, d_inner=40)).eval()
+    squeeze = SqueezeBertModel(SqueezeBertConfig(vocab_size=VOCAB, hidden_size=D, embedding_size=D,
+                                                 num_hidden_layers=N_BLOCKS, num_attention_heads=2,
+                                                 intermediate_size=40, max_position_embeddings=64)).eval()
+    ids, mask = batch()
+    for backbone, problem in [(xlnet, r"shape \[16, 2, 24\]"), (squeeze, "never ran through its module call")]:
+        with pytest.raises(ValueError, match=problem + ".*layers=\\[0\\]"):
+            MEPT(backbone, MEPTConfig(n_experts=E, prompt_len=P, top_k=K))
+        model = MEPT(backbone, MEPTConfig(n_experts=E, prompt_len=P, top_k=K, layers=[0]))
+        assert model(ids, mask).last_hidden_state.shape == (B, P + T, D) and set(model.routing) == {0}
+        model.remove()
+
 # -----------------------------------------------------------------------------
 # The notebook runs top to bottom (real model and real CB; skipped when either is absent)
 

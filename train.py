@@ -804,8 +804,8 @@ def build_model(backbone, family, method, mept_config, head_names, head_dropout,
     if method in mept.PRESETS:
         try:
             core = mept.MEPT.from_pretrained(backbone, checkpoint) if checkpoint else mept.MEPT(backbone, mept_config)
-        except ValueError as e:
-            raise UserError(f"impossible MEPT settings: {e}") from None
+        except ValueError as e:  # mept.py speaks of MEPTConfig fields; here they are flags
+            raise UserError(f"impossible MEPT settings: {e}".replace("layers=[0]", "--layers 0")) from None
     else:
         core = backbone
         backbone.requires_grad_(method == "finetune")  # head_only: a linear probe on a frozen backbone
