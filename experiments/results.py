@@ -117,7 +117,8 @@ def summarise(args):
     if both:
         table += ["", "| method | mean of CB and RTE accuracy |", "|---|---|"]
         table += [f"| {m} | {(acc['cb', m] + acc['rte', m]) / 2:.1f} |" for m in both]
-    with open(os.path.join(ROOT, "experiments", "results.md"), "w") as f:
+    os.makedirs(args.summary_dir, exist_ok=True)
+    with open(os.path.join(args.summary_dir, "results.md"), "w") as f:
         f.write("\n".join(table) + "\n")
     print("\n".join(table))
 
@@ -140,7 +141,7 @@ def summarise(args):
     fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
     fig.suptitle("all-MiniLM-L6-v2 frozen; epoch chosen on a slice of train, validation reported", fontsize=9)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
-    fig.savefig(os.path.join(ROOT, "experiments", "accuracy_vs_params.png"), dpi=110)
+    fig.savefig(os.path.join(args.summary_dir, "accuracy_vs_params.png"), dpi=110)
 
 
 def main():
@@ -158,6 +159,8 @@ def main():
     p.add_argument("--jobs", type=int, default=2, help="runs at once")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "results"), help="where the runs go")
+    p.add_argument("--summary_dir", default=os.path.join(ROOT, "experiments"),
+                   help="where results.md and accuracy_vs_params.png go (the README's are in experiments/)")
     p.add_argument("--summarise_only", action="store_true", help="only rebuild the table and plot")
     args = p.parse_args()
     args.tasks = args.tasks.split(",")
