@@ -143,7 +143,7 @@ def gather_experts(expert_pool, expert_idx, gate):
     fetching the B*K*P single rows e*P + p costs one copy, and in the backward one scatter-add, per
     row, where B*K runs move the same bytes in P times fewer steps (single rows took 1.05-1.1x the
     time); an einsum "bk,bkn->bn" parses its equation and reshapes on every call before reaching the
-    same bmm (single rows with an einsum, this function's first form, took 1.4x the time forward).
+    same bmm (single rows with an einsum, this function's previous form, took 1.4x the time forward).
 
     When it is fast: the work is B*K*P*D copies plus one weighted sum, whatever E is; a dense mixture
     (scatter the gates into (B, E), then w @ pool) does B*E*P*D multiply-adds, and a per-example loop
@@ -355,7 +355,7 @@ class MEPT(nn.Module):
             tokens = torch.cat([hidden[:, :s], hidden[:, s + P:P + T]], dim=1)  # (B, T, D)
             mixed_prompt = self._route(layer, tokens)  # (B, P, D)
             # replace the slots, never concatenate: length, masks and T5's position bias stay valid
-            hidden = torch.cat([hidden[:, :s], mixed_prompt, hidden[:, s + P:]], dim=1)  # (B, P+T, D)
+            hidden = torch.cat([hidden[:, :s], mixed_prompt, hidden[:, s + P:]], dim=1)  # (B, P+T(+pad), D)
             if args:
                 return (hidden, *args[1:]), kwargs
             return args, {**kwargs, "hidden_states": hidden}
@@ -442,7 +442,7 @@ class MEPT(nn.Module):
 
 
 def loop_gather(pool, idx, gate):
-    """The benchmark's slow baseline and the tests' oracle: one tiny op per (b, k)."""
+    """The benchmark's slow baseline: one tiny op per (b, k) (the tests keep their own double loop as oracle)."""
     return torch.stack([sum(gate[b, k] * pool[idx[b, k]] for k in range(idx.shape[1])) for b in range(idx.shape[0])])
 
 
