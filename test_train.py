@@ -109,7 +109,7 @@ def data_dir(tmp_path_factory):
     return str(root)
 
 
-def tiny_tokenizer(family):
+def tiny_tokenizer(family, more_words=()):
     """An offline word-level tokenizer; T5 appends </s>, BERT wraps pairs in [CLS] a [SEP] b [SEP]."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
@@ -118,7 +118,7 @@ def tiny_tokenizer(family):
     extra = "boolq cb copa multirc record rte wic wsc passage question premise hypothesis choice1 choice2 answer " \
             "paragraph entities query text sentence1 sentence2 word entailment contradiction neutral " \
             "not_entailment False True cause effect what is * # : , . @ placeholder".split()
-    vocab = {w: i for i, w in enumerate(dict.fromkeys(specials + WORDS + extra))}
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(specials + WORDS + extra + list(more_words)))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     if family == "seq2seq":
@@ -264,6 +264,14 @@ def test_hub_style_rows_are_read_too(tmp_path):
     assert train.load_split(train.TASKS["record"], "train", str(tmp_path))[0]["entities"] == ["a", "b"]
 
 
+def test_a_byte_order_mark_is_accepted_and_a_missing_idx_becomes_the_record_position(tmp_path):
+    rows = [{"premise": "a", "hypothesis": "b", "label": "neutral"}, {"premise": "c", "hypothesis": "d", "label": "neutral"}]
+    os.makedirs(tmp_path / "CB")
+    with open(tmp_path / "CB" / "train.jsonl", "w", encoding="utf-8-sig") as f:  # Windows editors add a BOM
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    assert [r["idx"] for r in train.load_split(train.TASKS["cb"], "train", str(tmp_path))] == [0, 1]
+
+
 def test_t5_inputs_follow_the_t5_strings_and_wsc_marks_spans_by_word_index(data_dir):
     row = {"premise": "P.", "hypothesis": "H."}
     assert train.TASKS["cb"].t5(row) == "cb hypothesis: H. premise: P."
@@ -280,6 +288,26 @@ def test_truncation_cuts_the_passage_and_keeps_the_hypothesis(models):
     (ids, _), = train.encode_inputs(train.TASKS["cb"], row, "encoder", tokenizer, budget=20)
     text = tokenizer.decode(ids)
     assert len(ids) <= 20 and text.rstrip().endswith("dog ran to park [SEP]"), text
+
+
+def test_markup_is_cleaned_before_a_long_passage_is_cut(tmp_path):
+    """MultiRC's <b>/<br> and ReCoRD's @highlight are rewritten before truncation, not after: cutting
+    first would leave decoded half-tags ('< b >') that the clean-up no longer recognises."""
+    tokenizer, _ = tiny_tokenizer("encoder", more_words="< > / b br highlight Sent 1 2 who".split())
+    long = "<b>Sent 1: </b>" + " ".join(["cat"] * 60) + "<br><b>Sent 2: </b>the dog ran<br>"
+    multirc = {"idx": 0, "passage": {"text": long, "questions": [
+        {"idx": 0, "question": "who ran", "answers": [{"idx": 0, "text": "dog", "label": True}]}]}}
+    record = {"idx": 0, "passage": {"text": "cat " * 60 + "dog.\n@highlight\ncat ran\n@highlight\ndog ran", "entities": [
+        {"start": 0, "end": 2}]}, "qas": [{"idx": 0, "query": "@placeholder ran", "answers": [{"text": "cat"}]}]}
+    write_jsonl(str(tmp_path / "MultiRC" / "train.jsonl"), [multirc])
+    write_jsonl(str(tmp_path / "ReCoRD" / "train.jsonl"), [record])
+    for name in ("multirc", "record"):
+        row = train.load_split(train.TASKS[name], "train", str(tmp_path))[0]
+        for family in ("encoder", "seq2seq"):
+            for ids, _ in train.encode_inputs(train.TASKS[name], row, family, tokenizer, budget=30):
+                text = tokenizer.decode(ids)
+                assert "<unk>" not in text and len(ids) <= 30, text
+                assert "<" not in text and "@" not in text.replace("@ placeholder", ""), text
 
 
 # -----------------------------------------------------------------------------
@@ -306,7 +334,7 @@ def test_every_task_trains_evaluates_and_predicts(tmp_path, data_dir, models, fa
         assert sorted(os.listdir(os.path.join(out, "best"))) == sorted(
             ["mept_config.json", "mept_model.safetensors", "run_config.json"]
             + (["head.safetensors"] if family != "seq2seq" else [])), task
-        with open(os.path.join(out, "test_predictions.jsonl")) as f:
+        with open(os.path.join(out, f"{train.TASKS[task].folder}.jsonl")) as f:  # the leaderboard's file name
             predictions = [json.loads(line) for line in f]
         if task == "multirc":
             answers = [a for p in predictions for q in p["passage"]["questions"] for a in q["answers"]]
@@ -329,6 +357,9 @@ def test_diagnostics_are_evaluated_with_an_rte_checkpoint(tmp_path, data_dir, mo
     assert set(axb["metrics"]["axb"]) == {"matthews_correlation"}
     assert set(axg["metrics"]["axg"]) == {"accuracy", "gender_parity"}
     assert axb["report_split"].startswith("test"), "the diagnostics are their own labelled test split"
+    with pytest.raises(train.UserError, match="was trained on rte, not on cb"):  # T5 has no head that would refuse
+        run(tmp_path, models[family], data_dir, "--task", "cb", "--eval_only", "--checkpoint", os.path.join(rte_out, "best"),
+            out="wrong")
 
 
 def test_mixed_multitask_run_reports_per_task_metrics(tmp_path, data_dir, models):
@@ -490,6 +521,15 @@ def test_bad_inputs_each_get_a_clear_message(tmp_path, data_dir, models):
     write_jsonl(str(broken / "COPA" / "val.jsonl"), official_rows("COPA", "val", 2))
     with open(broken / "COPA" / "train.jsonl", "w") as f:
         f.write(json.dumps(official_rows("COPA", "train", 1)[0]) + "\n{not json\n")
+    write_jsonl(str(broken / "WiC" / "train.jsonl"), official_rows("WiC", "train", 2))
+    with open(broken / "WiC" / "train.jsonl", "ab") as f:
+        f.write(b'{"word": "caf\xe9"}\n')  # latin-1, not UTF-8
+    no_entities = official_rows("ReCoRD", "train", 1)
+    no_entities[0]["passage"]["entities"] = []
+    write_jsonl(str(broken / "ReCoRD" / "train.jsonl"), no_entities)
+    write_jsonl(str(broken / "BoolQ" / "train.jsonl"), [{**official_rows("BoolQ", "train", 1)[0], "passage": None}])
+    write_jsonl(str(broken / "BoolQ" / "val.jsonl"), official_rows("BoolQ", "val", 1))
+    (tmp_path / "nodata").mkdir()
     from transformers import ViTConfig, ViTModel
 
     vit = str(tmp_path / "vit")
@@ -507,7 +547,10 @@ def test_bad_inputs_each_get_a_clear_message(tmp_path, data_dir, models):
         (["--task", "cola"], "unknown task 'cola'"),
         (["--task", "cb", "--model", small], "tokenizer .* has \\d+ tokens but the model's embedding table only 10 rows"),
         (["--task", "cb", "--data_dir", str(tmp_path / "nowhere")], "data folder .*nowhere does not exist"),
-        (["--task", "boolq", "--data_dir", str(broken)], r"missing file .*BoolQ.train\.jsonl"),
+        (["--task", "boolq", "--data_dir", str(tmp_path / "nodata")], r"missing file .*BoolQ.train\.jsonl"),
+        (["--task", "boolq", "--data_dir", str(broken)], r"BoolQ.train\.jsonl example 0: field 'passage' should be text"),
+        (["--task", "wic", "--data_dir", str(broken)], r"WiC.train\.jsonl line 3: not UTF-8 text"),
+        (["--task", "record", "--data_dir", str(broken)], "ReCoRD needs a non-empty list of entity strings"),
         (["--task", "copa", "--data_dir", str(broken)], r"COPA.train\.jsonl line 2: not valid JSON"),
         (["--task", "rte", "--data_dir", str(broken)], r"RTE.train\.jsonl line 3: label 'maybe' is not one of"),
         (["--task", "cb", "--data_dir", str(broken)], r"CB.val\.jsonl has no examples"),

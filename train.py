@@ -138,7 +138,8 @@ def build_parser():
     p.add_argument("--eval_only", action="store_true", help="no training: evaluate --checkpoint")
     p.add_argument("--checkpoint", default=None, help="a best/ (or last/) folder to evaluate with --eval_only")
     p.add_argument("--predict", action="store_true",
-                   help="write test_predictions.jsonl (SuperGLUE leaderboard format) for the test split")
+                   help="write <Task>.jsonl (CB.jsonl, AX-b.jsonl, ...: the SuperGLUE leaderboard's file names and "
+                        "format) with predictions for the test split")
 
     # --- hardware ---
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
@@ -364,8 +365,13 @@ OFFICIAL_FILES = {"train": ("train.jsonl",), "validation": ("val.jsonl", "valida
 
 def read_jsonl(path):
     """Yield (line_number, dict); a malformed line names its file and line."""
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    with open(path, "rb") as f:  # bytes, decoded line by line, so a bad byte is reported on its own line
+        for number, raw_line in enumerate(f, start=1):
+            try:
+                line = raw_line.decode("utf-8-sig" if number == 1 else "utf-8")  # a leading BOM is fine
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path} line {number}: not UTF-8 text ({e.reason} at byte {e.start} of the line); "
+                                "save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -391,8 +397,21 @@ def label_id(task, value, where):
     raise UserError(f"{where}: label {value!r} is not one of the {task.folder} labels {list(names)}")
 
 
-def normalise(task, raw, where):
-    """One raw record -> a list of rows in the Hub schema (nested MultiRC/ReCoRD expand to several)."""
+def normalise(task, raw, where, ordinal=0):
+    """One raw record -> a list of rows in the Hub schema (nested MultiRC/ReCoRD expand to several).
+
+    MultiRC's HTML markup and ReCoRD's '@highlight' lines are rewritten here, once, before any
+    truncation: cutting the raw text first would leave half-tags the clean-up no longer matches."""
+    rows = _normalise(task, raw, where, ordinal)
+    for row in rows:
+        if isinstance(row.get("paragraph"), str):
+            row["paragraph"] = strip_multirc_markup(row["paragraph"])
+        if task.folder == "ReCoRD" and isinstance(row.get("passage"), str):
+            row["passage"] = highlights_to_sentences(row["passage"])
+    return rows
+
+
+def _normalise(task, raw, where, ordinal):
     if task.folder == "MultiRC" and isinstance(raw.get("passage"), dict):
         paragraph = raw["passage"]
         return [{"paragraph": paragraph["text"], "question": q["question"], "answer": a["text"],
@@ -414,8 +433,12 @@ def normalise(task, raw, where):
         row["entities"], row["answers"] = sorted(set(row.get("entities", []))), sorted(set(row.get("answers", [])))
         return [{**row, "label": -1}]
     row["label"] = label_id(task, row.get("label"), where)
+    if task.folder == "WSC":
+        row["span1_index"], row["span2_index"] = int(row["span1_index"]), int(row["span2_index"])
     if not isinstance(row.get("idx"), dict):
-        row["idx"] = int(row.get("idx", 0))  # AX-b's official file writes idx as a string
+        # AX-b's official file writes idx as a string; a file without idx gets its record's position,
+        # the numbering the official files use, so predictions never all share one idx
+        row["idx"] = int(row.get("idx", ordinal))
     return [row]
 
 
@@ -426,6 +449,20 @@ def check_rows(task, rows, where, labelled):
         missing = [f for f in task.fields if f not in row]
         if missing:
             raise UserError(f"{where} example {i}: missing field {missing[0]!r}")
+        not_text = [f for f in task.fields if not isinstance(row[f], str)]
+        if not_text:
+            raise UserError(f"{where} example {i}: field {not_text[0]!r} should be text, got {row[not_text[0]]!r}")
+        if task.folder == "COPA" and row["question"] not in ("cause", "effect"):
+            raise UserError(f"{where} example {i}: COPA question must be 'cause' or 'effect', got {row['question']!r}")
+        if task.folder == "ReCoRD" and (not isinstance(row["entities"], list) or not row["entities"]
+                                        or not all(isinstance(e, str) for e in row["entities"])):
+            raise UserError(f"{where} example {i}: ReCoRD needs a non-empty list of entity strings to choose from, "
+                            f"got {row['entities']!r}")
+        if task.folder == "MultiRC" and not (isinstance(row["idx"], dict) and {"paragraph", "question", "answer"} <= set(row["idx"])):
+            raise UserError(f"{where} example {i}: MultiRC idx must be {{'paragraph', 'question', 'answer'}}, "
+                            f"got {row['idx']!r}")
+        if task.folder == "ReCoRD" and not (isinstance(row["idx"], dict) and "query" in row["idx"]):
+            raise UserError(f"{where} example {i}: ReCoRD idx must hold 'passage' and 'query', got {row['idx']!r}")
         unlabelled = not row["answers"] if task.folder == "ReCoRD" else row["label"] < 0
         if labelled and unlabelled:
             raise UserError(f"{where} example {i}: no label (only the test split may be unlabelled)")
@@ -446,9 +483,9 @@ def load_split(task, split, data_dir):
         raise UserError(f"missing file {candidates[0]} (--data_dir must hold the official layout "
                         "<Task>/{train,val,test}.jsonl and AX-b/AX-b.jsonl, AX-g/AX-g.jsonl)")
     rows = []
-    for number, raw in read_jsonl(path):
+    for ordinal, (number, raw) in enumerate(read_jsonl(path)):
         try:
-            rows.extend(normalise(task, raw, f"{path} line {number}"))
+            rows.extend(normalise(task, raw, f"{path} line {number}", ordinal))
         except (KeyError, TypeError, ValueError) as e:  # a record without the shape its task needs
             raise UserError(f"{path} line {number}: malformed {task.folder} record ({type(e).__name__}: {e})") from None
     check_rows(task, rows, path, labelled=split != "test" or task.diagnostic)
@@ -464,7 +501,7 @@ def load_split_from_hub(task, split):
     except Exception as e:  # offline, no such dataset, ...: all the same advice
         raise UserError(f"could not load aps/super_glue/{task.hub_name} from the Hub ({type(e).__name__}); "
                         "without network pass --data_dir DIR with the official SuperGLUE files") from None
-    rows = [r for raw in dataset for r in normalise(task, raw, f"aps/super_glue/{task.hub_name} {split}")]
+    rows = [r for i, raw in enumerate(dataset) for r in normalise(task, raw, f"aps/super_glue/{task.hub_name} {split}", i)]
     check_rows(task, rows, f"aps/super_glue/{task.hub_name} {split}", labelled=split != "test" or task.diagnostic)
     return rows
 
@@ -966,6 +1003,11 @@ def main(argv=None):
     if args.checkpoint and not os.path.isdir(args.checkpoint):
         raise UserError(f"checkpoint folder {args.checkpoint} does not exist")
     saved_run = read_run_config(args.checkpoint) if args.checkpoint else None
+    if saved_run:  # a T5 checkpoint has no per-task head that would refuse a task it never learned
+        untrained = [n for n in names if (TASKS[n].eval_as or n) not in saved_run.get("tasks", [])]
+        if untrained:
+            raise UserError(f"checkpoint {args.checkpoint} was trained on {','.join(saved_run.get('tasks', []))}, "
+                            f"not on {TASKS[untrained[0]].eval_as or untrained[0]}; evaluate it on the tasks it learned")
     out = args.output_dir or os.path.join("out", f"{'_'.join(names)}_{'eval' if args.eval_only else args.method}")
     last_dir, best_dir = os.path.join(out, "last"), os.path.join(out, "best")
     if args.resume:
@@ -1210,8 +1252,8 @@ def main(argv=None):
     if args.predict:
         _, test_preds, _ = evaluate_all("test")
         for n, preds in test_preds.items():
-            filename = "test_predictions.jsonl" if len(names) == 1 else f"test_predictions_{n}.jsonl"
-            write_predictions(os.path.join(out, filename), n, data[n]["test"], preds)
+            # the leaderboard's own file names (CB.jsonl, AX-b.jsonl, ...): zip them as they are to submit
+            write_predictions(os.path.join(out, f"{TASKS[n].folder}.jsonl"), n, data[n]["test"], preds)
     with open(os.path.join(out, "results.json.tmp"), "w") as f:
         json.dump(results, f, indent=2, default=str)
     os.replace(os.path.join(out, "results.json.tmp"), os.path.join(out, "results.json"))
