@@ -19,15 +19,20 @@ Glossary:  ours             PEFT                   official MEPT code
            layers           num_layers (count)     layers
 """
 
+import functools
+import inspect
 import json
+import math
 import os
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 # -----------------------------------------------------------------------------
@@ -46,6 +51,13 @@ class MEPTConfig:
     init: str = "vocab"  # "vocab": sampled embedding rows (Lester et al.); "random": N(0, 1)
 
     def __post_init__(self):
+        for name in ("n_experts", "prompt_len", "top_k"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be a whole number, got {value!r}.")
+        for name in ("router_noise", "balance_coef"):
+            if not isinstance(getattr(self, name), (int, float)) or not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)!r}.")
         if self.n_experts < 1:
             raise ValueError(f"n_experts must be at least 1, got {self.n_experts}.")
         if not 1 <= self.top_k <= self.n_experts:
@@ -59,6 +71,8 @@ class MEPTConfig:
         if self.init not in ("vocab", "random"):
             raise ValueError(f"init must be 'vocab' or 'random', got {self.init!r}.")
         if self.layers is not None:
+            if any(isinstance(l, bool) or int(l) != l or l < 0 for l in self.layers):
+                raise ValueError(f"layers must be block indices 0, 1, 2, ..., got {list(self.layers)}.")
             self.layers = sorted(set(int(l) for l in self.layers))
             if 0 not in self.layers:
                 # block 0's prompt is the one inserted into the input: without it there are no slots
@@ -226,22 +240,47 @@ def parameters_line(module):
     return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
 
 
-def is_causal(blocks):
-    """Decoder-only stacks mark their self-attention as causal (Llama, GPT-2, Qwen, ...)."""
-    return any(getattr(m, "is_causal", False) is True for m in blocks[0].modules())
+def transformers_version():
+    import transformers  # only to tell 4.x from 5.x where their block calls differ
+
+    return transformers.__version__
+
+
+@torch.no_grad()
+def is_causal(backbone):
+    """Decoder-only (Llama, GPT-2, Bloom, MPT, ...) or not, from behaviour, not from names or flags:
+    change the last of 8 tokens; in a causal stack the first position's output cannot move."""
+    if getattr(backbone.config, "is_encoder_decoder", False):
+        return False
+    runner, weight = backbone.base_model, backbone.get_input_embeddings().weight
+    ids = torch.randint(0, weight.shape[0], (1, 8), generator=torch.Generator().manual_seed(0)).to(weight.device)
+    other = ids.clone()
+    other[0, -1] = (ids[0, -1] + 1) % weight.shape[0]  # (1, 8): only the last token differs
+    was_training = runner.training
+    try:
+        runner.eval()
+        first = [runner(input_ids=x, attention_mask=torch.ones_like(x))[0][:, 0].float() for x in (ids, other)]
+    finally:
+        runner.train(was_training)
+    return torch.allclose(first[0], first[1], atol=1e-5)
 
 
 # -----------------------------------------------------------------------------
 # Step 5: MEPT, the frozen backbone with prompt experts at the entrance of its blocks
 
 
+_ATTACHED = weakref.WeakSet()  # backbones that carry a MEPT's hooks right now
+
+
 class MEPT(nn.Module):
     def __init__(self, backbone, config=None):
         super().__init__()
+        if backbone in _ATTACHED:  # two sets of hooks would both write the slots, and remove() could not undo them
+            raise ValueError("this backbone already has a MEPT attached; call .remove() on that one first.")
         self.config = config = config or MEPTConfig()
         self.backbone = backbone
         self._was_trainable = {n: p.requires_grad for n, p in backbone.named_parameters()}
-        backbone.requires_grad_(False)  # the pretrained manifold stays fixed
+        self._was_training = backbone.training
 
         self.blocks = find_blocks(backbone)
         self.n_blocks = len(self.blocks)
@@ -249,10 +288,14 @@ class MEPT(nn.Module):
         if self.layers[-1] >= self.n_blocks:
             raise ValueError(f"layers {self.layers} go beyond the model's {self.n_blocks} blocks (0..{self.n_blocks - 1}).")
         self.is_encoder_decoder = bool(getattr(backbone.config, "is_encoder_decoder", False))
-        self.is_causal = not self.is_encoder_decoder and is_causal(self.blocks)
+        self.is_causal = is_causal(backbone)
         # method.md, "Where the slots sit": right after [CLS] in a bidirectional encoder whose head
         # reads position 0; leading the sequence in seq2seq and decoder-only models
         self.slot_offset = 0 if (self.is_encoder_decoder or self.is_causal) else 1
+        max_positions = getattr(backbone.config, "max_position_embeddings", None) or getattr(backbone.config, "n_positions", None)
+        if isinstance(max_positions, int) and max_positions > 0 and config.prompt_len + self.slot_offset >= max_positions:
+            raise ValueError(f"prompt_len {config.prompt_len} leaves no room for tokens within the model's "
+                             f"{max_positions} positions; use a shorter prompt.")
 
         embed = backbone.get_input_embeddings()
         entrances = self._block_entrances(embed)  # {l > 0: (width D_l, typical row norm)} of the hidden states
@@ -263,9 +306,13 @@ class MEPT(nn.Module):
             rows = self._init_rows(embed.weight, config.n_experts * config.prompt_len, width, norm, vocab_norm)
             self.prompts[str(layer)] = ExpertPrompts(config, width, rows)
 
+        backbone.requires_grad_(False)  # the pretrained manifold stays fixed (after every check that can fail)
         # block 0 is routed in forward(); every later block routes in a removable pre-hook
-        self._handles = [self.blocks[l].register_forward_pre_hook(self._make_hook(l), with_kwargs=True)
+        # (a bound method, not a closure: a deepcopy of MEPT, e.g. for weight averaging, gets hooks bound to the copy)
+        self._handles = [self.blocks[l].register_forward_pre_hook(functools.partial(self._slot_hook, l), with_kwargs=True)
                          for l in self.layers if l > 0]
+        _ATTACHED.add(backbone)
+        self._removed = False
         self._token_mask = None  # (B, T) real-token mask of the forward pass in progress
         self.routing, self.aux_loss = {}, torch.zeros(())
 
@@ -307,6 +354,12 @@ class MEPT(nn.Module):
             return hook
 
         handles = [self.blocks[l].register_forward_pre_hook(measure(l), with_kwargs=True) for l in self.layers if l > 0]
+        calls = [0] * self.n_blocks  # how often each block runs in one forward
+
+        def count(i):
+            return lambda block, args: calls.__setitem__(i, calls[i] + 1)
+
+        handles += [block.register_forward_pre_hook(count(i)) for i, block in enumerate(self.blocks)]
         # the bare stack (BertModel, T5Stack, LlamaModel): no head, no labels, no pad-token rules
         runner = self.backbone.get_encoder() if self.is_encoder_decoder else self.backbone.base_model
         was_training = runner.training
@@ -320,6 +373,9 @@ class MEPT(nn.Module):
             for h in handles:
                 h.remove()
         name = type(self.backbone).__name__
+        if max(calls) > 1 and self.config.layers != [0]:  # ALBERT: one shared block, run 12 times
+            raise ValueError(f"{name} runs its block(s) {max(calls)} times in one forward (shared weights), so a prompt "
+                             "per block has no place; use layers=[0] (input-only prompts) with this model.")
         for layer in [l for l in self.layers if l > 0]:
             if layer not in shapes:  # e.g. SqueezeBERT calls layer.forward(...), which skips hooks
                 raise ValueError(f"block {layer} of {name} never ran through its module call in a probe forward, so "
@@ -337,35 +393,52 @@ class MEPT(nn.Module):
         s = self.slot_offset
         return torch.cat([seq[:, :s], slots, seq[:, s:]], dim=1)  # (B, P+T, ...)
 
+    @property
+    def _takes_positions(self):
+        return "position_ids" in inspect.signature(self.backbone.forward).parameters
+
     def _route(self, layer, hidden_tokens):
         mixed_prompt, routing = self.prompts[str(layer)](hidden_tokens, self._token_mask)  # (B, P, D)
         self.routing[layer] = routing
         return mixed_prompt.to(hidden_tokens.dtype)  # (B, P, D) in the backbone's dtype
 
-    def _make_hook(self, layer):
+    def _slot_hook(self, layer, block, args, kwargs):
+        """Forward pre-hook of block `layer`: route on the real tokens, write the mixture into the slots."""
+        if self._token_mask is None:
+            return None  # the backbone was called on its own, not through MEPT: leave it alone
         P, s = self.config.prompt_len, self.slot_offset
+        hidden = args[0] if args else kwargs["hidden_states"]  # (B, P+T, D), or longer: see below
+        # real tokens only; a model that pads the sequence inside (Longformer, to a multiple of its
+        # attention window) hands us (B, P+T+pad, D), and the router must not read that padding
+        T = self._token_mask.shape[1]
+        tokens = torch.cat([hidden[:, :s], hidden[:, s + P:P + T]], dim=1)  # (B, T, D)
+        mixed_prompt = self._route(layer, tokens)  # (B, P, D)
+        # replace the slots, never concatenate: length, masks and T5's position bias stay valid
+        hidden = torch.cat([hidden[:, :s], mixed_prompt, hidden[:, s + P:]], dim=1)  # (B, P+T(+pad), D)
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
 
-        def hook(block, args, kwargs):
-            if self._token_mask is None:
-                return None  # the backbone was called on its own, not through MEPT: leave it alone
-            hidden = args[0] if args else kwargs["hidden_states"]  # (B, P+T, D), or longer: see below
-            # real tokens only; a model that pads the sequence inside (Longformer, to a multiple of its
-            # attention window) hands us (B, P+T+pad, D), and the router must not read that padding
-            T = self._token_mask.shape[1]
-            tokens = torch.cat([hidden[:, :s], hidden[:, s + P:P + T]], dim=1)  # (B, T, D)
-            mixed_prompt = self._route(layer, tokens)  # (B, P, D)
-            # replace the slots, never concatenate: length, masks and T5's position bias stay valid
-            hidden = torch.cat([hidden[:, :s], mixed_prompt, hidden[:, s + P:]], dim=1)  # (B, P+T(+pad), D)
-            if args:
-                return (hidden, *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": hidden}
-
-        return hook
+    def _check_call(self, kwargs):
+        """What the hooks cannot serve, refused in one sentence instead of giving wrong numbers."""
+        if self._removed:
+            raise RuntimeError("this MEPT was removed from its backbone; attach a new one with MEPT(backbone, config).")
+        if kwargs.get("past_key_values") is not None:
+            raise ValueError("MEPT inserts its prompt slots into every forward, so it cannot extend a key/value cache; "
+                             "run the whole sequence each step (or use the backbone alone for cached decoding).")
+        if (int(transformers_version().split(".")[0]) < 5 and self.training and torch.is_grad_enabled()
+                and getattr(self.backbone, "is_gradient_checkpointing", False)):
+            # transformers 4.x checkpoints a block's whole module call, hooks included, and replays it during
+            # backward, after MEPT.forward has returned: the replay would not route (5.x keeps hooks outside)
+            raise ValueError("gradient checkpointing on a transformers 4.x backbone replays MEPT's hooks outside its "
+                             "forward and would give wrong gradients; call backbone.gradient_checkpointing_disable() "
+                             "or use transformers 5.")
 
     def forward(self, input_ids, attention_mask=None, **kwargs):
+        self._check_call(kwargs)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)  # (B, T)
-        B, P = input_ids.shape[0], self.config.prompt_len
+        B, P, s = input_ids.shape[0], self.config.prompt_len, self.slot_offset
         embeds = self.backbone.get_input_embeddings()(input_ids)  # (B, T, D)
         self.routing = {}
         self._token_mask = attention_mask
@@ -374,8 +447,22 @@ class MEPT(nn.Module):
             inputs_embeds = self._insert(embeds, mixed_prompt)  # (B, P+T, D)
             ones = attention_mask.new_ones(B, P)  # (B, P): every token may attend to the slots
             mask = self._insert(attention_mask, ones)  # (B, P+T)
+            # everything laid out per token gets an entry for the slots too
             if kwargs.get("token_type_ids") is not None:
                 kwargs["token_type_ids"] = self._insert(kwargs["token_type_ids"], kwargs["token_type_ids"].new_zeros(B, P))
+            labels = kwargs.get("labels")
+            if labels is not None and not self.is_encoder_decoder and labels.shape == input_ids.shape:
+                kwargs["labels"] = self._insert(labels, labels.new_full((B, P), -100))  # (B, P+T): slots are not scored
+            positions = kwargs.get("position_ids")
+            if positions is None and self.is_causal and not bool(mask.all()) and self._takes_positions:
+                # a left-padded decoder: count positions over real tokens and slots only, so the distance from a
+                # token to the slots (and so routing and output) does not depend on how much padding sits between
+                positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, P+T)
+            elif positions is not None:  # the slots continue the first token's position, the tokens move up by P
+                moved = torch.cat([positions[:, :s], positions[:, s:] + P], dim=1)  # (B, T)
+                positions = self._insert(moved, positions[:, :1] + s + torch.arange(P, device=positions.device))
+            if positions is not None:
+                kwargs["position_ids"] = positions  # (B, P+T)
             out = self.backbone(inputs_embeds=inputs_embeds, attention_mask=mask, **kwargs)
         finally:
             self._token_mask = None
@@ -393,34 +480,57 @@ class MEPT(nn.Module):
         """method.md 'Counting activated prompts'. Stored per layer: E*P*D (+P*D shared);
         activated per example and layer: K*P*D (+P*D shared). The reduction compares the
         activated count with a deep prompt of the same stored size (all of it always active)."""
-        c, D, n = self.config, self.backbone.get_input_embeddings().weight.shape[1], len(self.layers)
-        shared = c.prompt_len * D if c.shared_expert else 0
-        stored = n * (c.n_experts * c.prompt_len * D + shared)
-        activated = n * (c.top_k * c.prompt_len * D + shared)
+        c = self.config
+        pools = [p.expert_pool.numel() for p in self.prompts.values()]  # E*P*D_l per layer (D_l: that block's width)
+        shared = [p.shared.numel() if p.shared is not None else 0 for p in self.prompts.values()]  # P*D_l
+        stored = sum(pools) + sum(shared)
+        activated = sum(pool * c.top_k // c.n_experts for pool in pools) + sum(shared)
         return dict(stored=stored, activated=activated, deep_prompt_same_storage=stored,
                     activated_share=activated / stored, reduction_vs_deep_prompt=1 - activated / stored)
 
     def save_pretrained(self, directory):
         """Only what trains: every parameter with requires_grad (prompts, routers, any head), as
-        safetensors, plus the config as JSON. Written to temporary names, then renamed."""
+        safetensors, plus the config as JSON. Written to temporary names, then renamed. The config
+        also rides inside the safetensors file, so weights and config are replaced in one rename:
+        a crash between the two renames cannot pair new weights with an old config."""
         os.makedirs(directory, exist_ok=True)
         tensors = {n: p.detach().contiguous().cpu() for n, p in self.named_parameters() if p.requires_grad}
-        save_file(tensors, os.path.join(directory, "mept_model.safetensors.tmp"))
-        with open(os.path.join(directory, "mept_config.json.tmp"), "w") as f:
-            json.dump(asdict(self.config), f, indent=2)
-        for name in ("mept_model.safetensors", "mept_config.json"):
-            os.replace(os.path.join(directory, name + ".tmp"), os.path.join(directory, name))
+        config = json.dumps(asdict(self.config), indent=2)
+        names = ("mept_model.safetensors", "mept_config.json")
+        try:
+            save_file(tensors, os.path.join(directory, names[0] + ".tmp"), metadata={"mept_config": config})
+            with open(os.path.join(directory, names[1] + ".tmp"), "w") as f:
+                f.write(config)
+            for name in names:
+                os.replace(os.path.join(directory, name + ".tmp"), os.path.join(directory, name))
+        finally:
+            for name in names:  # a failed save leaves no half-written files behind
+                if os.path.exists(os.path.join(directory, name + ".tmp")):
+                    os.remove(os.path.join(directory, name + ".tmp"))
 
     @classmethod
     def from_pretrained(cls, backbone, directory):
-        with open(os.path.join(directory, "mept_config.json")) as f:
-            model = cls(backbone, MEPTConfig(**json.load(f)))
-        tensors = load_file(os.path.join(directory, "mept_model.safetensors"))
-        params = dict(model.named_parameters())
-        unknown = sorted(set(tensors) - set(params))
-        if unknown:
-            raise ValueError(f"checkpoint in {directory} holds weights this model lacks: {unknown[:3]}; "
-                             "load it onto the same kind of backbone it was trained on.")
+        path = os.path.join(directory, "mept_model.safetensors")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{directory} holds no mept_model.safetensors; save one with save_pretrained().")
+        with safe_open(path, framework="pt") as f:
+            config = (f.metadata() or {}).get("mept_config")  # saved with the weights (older saves: the JSON only)
+        if config is None:
+            with open(os.path.join(directory, "mept_config.json")) as f:
+                config = f.read()
+        model = cls(backbone, MEPTConfig(**json.loads(config)))
+        tensors = load_file(path)
+        params = dict(model.named_parameters())  # a saved head of the backbone's own is trainable again below
+        trainable = {n for n, p in params.items() if p.requires_grad}  # prompts and routers
+        unknown, missing = sorted(set(tensors) - set(params)), sorted(trainable - set(tensors))
+        wrong = [f"{n} {list(tensors[n].shape)} vs {list(params[n].shape)}" for n in sorted(set(tensors) & set(params))
+                 if tensors[n].shape != params[n].shape]
+        for problem, names in (("holds weights this model lacks", unknown), ("lacks weights this model needs", missing),
+                               ("holds weights of other shapes", wrong)):
+            if names:
+                model.remove()
+                raise ValueError(f"checkpoint in {directory} {problem}: {names[:3]}; load it onto the same kind "
+                                 "of backbone (family, width, depth) it was trained on.")
         with torch.no_grad():
             for name, tensor in tensors.items():
                 params[name].copy_(tensor)
@@ -431,7 +541,9 @@ class MEPT(nn.Module):
         """Take every hook out and give the backbone back exactly as it was."""
         for h in self._handles:
             h.remove()
-        self._handles = []
+        self._handles, self._removed = [], True
+        _ATTACHED.discard(self.backbone)
+        self.backbone.train(self._was_training)
         for name, p in self.backbone.named_parameters():
             p.requires_grad_(self._was_trainable[name])
         return self.backbone

@@ -269,6 +269,69 @@ def test_different_inputs_can_take_different_pathways():
     assert any(len(r.expert_idx.unique()) > 1 for r in model.routing.values()), "every input took one expert"
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_left_padding_on_a_decoder_changes_neither_routing_nor_output(family):
+    """Positions count real tokens and slots only, so padding between the slots and the text moves nothing."""
+    model = mept(family)
+    ids, mask = batch(b=2)
+    pad_ids = torch.cat([torch.zeros(2, 4, dtype=torch.long), ids], dim=1)  # (2, 4+T): 4 pads on the left
+    pad_mask = torch.cat([torch.zeros(2, 4, dtype=torch.long), mask], dim=1)
+    plain = model(ids, mask).last_hidden_state
+    plain_idx = {l: r.expert_idx for l, r in model.routing.items()}
+    padded = model(pad_ids, pad_mask).last_hidden_state
+    assert all(torch.equal(model.routing[l].expert_idx, plain_idx[l]) for l in plain_idx)
+    torch.testing.assert_close(padded[:, P + 4:], plain[:, P:], atol=1e-5, rtol=1e-4)
+    # the same positions given explicitly: the slots continue from the first one, the tokens move up by P
+    given = (pad_mask.cumsum(-1) - 1).clamp(min=0)
+    torch.testing.assert_close(model(pad_ids, pad_mask, position_ids=given).last_hidden_state[:, P + 4:], padded[:, P + 4:])
+
+
+def test_token_level_labels_get_ignored_entries_for_the_slots():
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    lm = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=D, n_layer=N_BLOCKS, n_head=2, n_positions=64)).eval()
+    model = MEPT(lm, MEPTConfig(n_experts=E, prompt_len=P, top_k=K))
+    ids, mask = batch()
+    out = model(ids, mask, labels=ids)
+    # the slots are never scored: the loss is over the T tokens, the last slot predicting the first one
+    logits = out.logits[:, P - 1:-1].reshape(-1, VOCAB)  # (B*T, V)
+    torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(logits, ids.reshape(-1)))
+
+
+def test_decoder_only_is_told_by_behaviour_bloom_included():
+    from transformers import BloomConfig, BloomModel
+
+    torch.manual_seed(0)
+    bloom = BloomModel(BloomConfig(vocab_size=VOCAB, hidden_size=D, n_layer=N_BLOCKS, n_head=2)).eval()
+    assert MEPT(bloom, MEPTConfig(n_experts=E, prompt_len=P, top_k=K)).slot_offset == 0, "slots lead a decoder"
+    assert [mept(f).slot_offset for f in FAMILIES] == [0, 1, 1, 0, 0]
+
+
+def test_gradient_checkpointing_gives_the_same_gradients_or_is_refused():
+    """transformers 5.x keeps hooks outside the checkpoint: same gradients. 4.x would replay the hooks
+    during backward, outside MEPT.forward, so MEPT refuses instead of giving wrong gradients."""
+    import transformers
+
+    ids, mask = batch()
+    grads = []
+    for checkpointing in (False, True):
+        backbone = tiny_backbone("bert").train()
+        if checkpointing:
+            backbone.gradient_checkpointing_enable()
+        torch.manual_seed(0)
+        model = MEPT(backbone, MEPTConfig(n_experts=E, prompt_len=P, top_k=K, router_noise=0)).train()
+        if checkpointing and int(transformers.__version__.split(".")[0]) < 5:
+            with pytest.raises(ValueError, match="gradient checkpointing"):
+                model(ids, mask)
+            return
+        out = model(ids, mask).last_hidden_state
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads.append([p.grad for p in model.prompts.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
 # -----------------------------------------------------------------------------
 # 8. Save, load, remove
 
@@ -313,6 +376,62 @@ def test_remove_restores_the_backbone_exactly(family):
     assert returned is backbone
     torch.testing.assert_close(backbone(input_ids=ids, attention_mask=mask, **kwargs)[0], before, rtol=0, atol=0)
     assert {n: p.requires_grad for n, p in backbone.named_parameters()} == flags, "requires_grad not restored"
+
+
+def test_a_deep_copy_routes_with_its_own_prompts(tmp_path):
+    """copy.deepcopy (weight averaging, EMA) gives hooks bound to the copy, not to the original."""
+    import copy
+
+    model = mept("bert")
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twin.prompts.parameters():
+            p.add_(1.0)
+    ids, mask = batch()
+    assert set(twin(ids, mask) and twin.routing) == {0, 1, 2}, "the copy must route at every block itself"
+    assert not torch.equal(twin(ids, mask).last_hidden_state, model(ids, mask).last_hidden_state)
+    torch.save(twin, tmp_path / "whole.pt")  # no closures: the whole module pickles
+
+
+def test_a_checkpoint_for_another_shape_is_refused_by_name(tmp_path):
+    model = mept("bert")
+    model.save_pretrained(tmp_path)
+    model.remove()
+    deeper = BertModel(BertConfig(vocab_size=VOCAB, hidden_size=D, num_hidden_layers=N_BLOCKS + 1, num_attention_heads=2,
+                                  intermediate_size=40, max_position_embeddings=64))
+    with pytest.raises(ValueError, match="lacks weights this model needs: \\['prompts.3"):
+        MEPT.from_pretrained(deeper, tmp_path)
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(tmp_path / "mept_model.safetensors")
+    tensors["prompts.0.shared"] = torch.zeros(1, 1, 1)  # would broadcast silently in copy_
+    save_file(tensors, tmp_path / "mept_model.safetensors", metadata={"mept_config": open(tmp_path / "mept_config.json").read()})
+    backbone = tiny_backbone("bert")
+    with pytest.raises(ValueError, match="other shapes: \\['prompts.0.shared \\[1, 1, 1\\] vs \\[1, 3, 24\\]"):
+        MEPT.from_pretrained(backbone, tmp_path)
+    MEPT(backbone, MEPTConfig())  # the refused load left nothing attached
+
+
+def test_weights_and_config_are_committed_together(tmp_path, monkeypatch):
+    """The config rides in the safetensors metadata: a crash before the JSON is renamed cannot pair
+    new weights with an old config, and no .tmp file is left behind."""
+    old = mept("bert", n_experts=4)
+    old.save_pretrained(tmp_path)
+    old.remove()
+    new = mept("bert", n_experts=2, top_k=1)
+    real_replace = os.replace
+
+    def crash_on_json(src, dst):
+        if dst.endswith(".json"):
+            raise OSError("disk full")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_on_json)
+    with pytest.raises(OSError):
+        new.save_pretrained(tmp_path)
+    monkeypatch.undo()
+    new.remove()
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+    assert MEPT.from_pretrained(tiny_backbone("bert"), tmp_path).config == new.config
 
 
 def test_backbone_called_directly_while_attached_is_untouched():
@@ -390,6 +509,11 @@ def test_eager_attention_gives_the_same_output_as_sdpa():
     (dict(layers=[1, 2]), "layers must include block 0"),
     (dict(init="zeros"), "init must be 'vocab' or 'random'"),
     (dict(balance_coef=-1.0), "balance_coef must be >= 0"),
+    (dict(top_k=1.5), "top_k must be a whole number"),
+    (dict(n_experts=True), "n_experts must be a whole number"),
+    (dict(router_noise=float("nan")), "router_noise must be a finite number"),
+    (dict(layers=[0, -1]), "layers must be block indices"),
+    (dict(layers=[0, 0.7]), "layers must be block indices"),
 ])
 def test_bad_configs_raise_a_helpful_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -399,6 +523,35 @@ def test_bad_configs_raise_a_helpful_error(kwargs, message):
 def test_layers_beyond_the_model_raise_when_attached():
     with pytest.raises(ValueError, match="beyond the model's 3 blocks"):
         MEPT(tiny_backbone("bert"), MEPTConfig(layers=[0, 5]))
+
+
+def test_what_the_hooks_cannot_serve_is_refused_in_one_sentence(tmp_path):
+    backbone = tiny_backbone("bert")
+    model = MEPT(backbone, MEPTConfig(n_experts=E, prompt_len=P, top_k=K))
+    with pytest.raises(ValueError, match="already has a MEPT attached"):  # two sets of hooks would both write
+        MEPT(backbone, MEPTConfig(n_experts=E, prompt_len=P, top_k=K))
+    with pytest.raises(ValueError, match="cannot extend a key/value cache"):
+        model(*batch(), past_key_values=object())
+    with pytest.raises(ValueError, match="leaves no room for tokens within the model's 64 positions"):
+        MEPT(tiny_backbone("gpt2"), MEPTConfig(prompt_len=64))
+    model.remove()
+    with pytest.raises(RuntimeError, match="was removed"):
+        model(*batch())
+    MEPT(backbone, MEPTConfig(n_experts=E, prompt_len=P, top_k=K))  # after remove() a new one may attach
+
+
+def test_a_weight_shared_model_asks_for_input_only_prompts():
+    """ALBERT runs one block again and again: there is no block per depth to give a prompt to."""
+    from transformers import AlbertConfig, AlbertModel
+
+    albert = AlbertModel(AlbertConfig(vocab_size=VOCAB, embedding_size=16, hidden_size=D, num_hidden_layers=N_BLOCKS,
+                                      num_attention_heads=2, intermediate_size=40, max_position_embeddings=64)).eval()
+    flags = {n: p.requires_grad for n, p in albert.named_parameters()}
+    with pytest.raises(ValueError, match="runs its block.* 3 times in one forward.*layers=\\[0\\]"):
+        MEPT(albert, MEPTConfig(n_experts=E, prompt_len=P, top_k=K))
+    assert {n: p.requires_grad for n, p in albert.named_parameters()} == flags, "a refused build changed the backbone"
+    model = MEPT(albert, MEPTConfig(n_experts=E, prompt_len=P, top_k=K, layers=[0]))
+    assert set(model(*batch()) and model.routing) == {0}
 
 
 def test_unknown_preset_raises():
@@ -471,6 +624,8 @@ def test_blocks_wider_than_the_embeddings_get_experts_of_their_own_width():
     model = MEPT(ElectraModel(cfg).eval(), MEPTConfig(n_experts=E, prompt_len=P, top_k=K))
     assert model.prompts["0"].expert_pool.shape == (E, P, D // 2)
     assert all(model.prompts[str(l)].expert_pool.shape == (E, P, D) for l in range(1, N_BLOCKS))
+    widths = [D // 2] + [D] * (N_BLOCKS - 1)  # the counts follow each block's own width
+    assert model.prompt_param_counts()["stored"] == sum((E + 1) * P * w for w in widths)
     ids, mask = batch()
     out = model(ids, mask).last_hidden_state  # (B, P+T, D)
     assert out.shape == (B, P + T, D) and set(model.routing) == set(range(N_BLOCKS))

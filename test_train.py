@@ -572,6 +572,19 @@ def test_bad_inputs_each_get_a_clear_message(tmp_path, data_dir, models):
     assert not (tmp_path / "bad").exists(), "a rejected run writes nothing"
 
 
+def test_max_length_is_checked_against_the_positions_a_model_can_number():
+    from transformers import BartConfig, BartModel, RobertaConfig, RobertaModel, T5Config, T5Model
+
+    roberta = RobertaModel(RobertaConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=32, max_position_embeddings=66, pad_token_id=1))
+    bart = BartModel(BartConfig(vocab_size=40, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                                decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=64))
+    t5 = T5Model(T5Config(vocab_size=40, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2))
+    assert train.usable_positions(roberta, "encoder") == 64, "RoBERTa counts positions after its pad id"
+    assert train.usable_positions(bart, "seq2seq") == 64, "BART has a learned table too"
+    assert train.usable_positions(t5, "seq2seq") is None, "T5's positions are relative: no table to overrun"
+
+
 def test_hub_data_without_network_points_to_data_dir(tmp_path, models, monkeypatch):
     monkeypatch.delenv("SUPERGLUE_DIR", raising=False)
     argv = ["--model", models["encoder"], "--output_dir", str(tmp_path / "o"), "--task", "cb"]

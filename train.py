@@ -679,7 +679,7 @@ def load_backbone(name_or_path):
     if config.is_encoder_decoder and getattr(config, "decoder_start_token_id", None) is None:
         raise UserError(f"unsupported backbone {name_or_path}: its config has no decoder_start_token_id")
     # the family: seq2seq from the config; decoder-only if its blocks attend causally (mept.is_causal)
-    family = "seq2seq" if config.is_encoder_decoder else ("decoder" if mept.is_causal(blocks) else "encoder")
+    family = "seq2seq" if config.is_encoder_decoder else ("decoder" if mept.is_causal(backbone) else "encoder")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as e:
@@ -820,6 +820,22 @@ def read_run_config(directory):
         raise UserError(f"{directory} is not a checkpoint of this script (no run_config.json)")
     with open(path) as f:
         return json.load(f)
+
+
+def usable_positions(backbone, family):
+    """How many tokens (prompt slots included) the backbone's position table can number, or None.
+    T5's relative positions have no table (its n_positions is a leftover); BART's table is
+    max_position_embeddings long; RoBERTa-style tables start counting after the pad id, so
+    roberta-base takes 512 of its 514 positions."""
+    config = backbone.config
+    positions = getattr(config, "max_position_embeddings", None) or (
+        getattr(config, "n_positions", None) if family != "seq2seq" else None)
+    if not isinstance(positions, int) or positions <= 0:
+        return None
+    for name, module in backbone.named_modules():
+        if name.endswith("position_embeddings") and isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            return positions - (module.padding_idx + 1)
+    return positions
 
 
 @torch.no_grad()
@@ -1062,8 +1078,8 @@ def main(argv=None):
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)  # noqa: E731
     model_name = args.model or (saved_run["model"] if saved_run else "t5-base")
     backbone, tokenizer, family = load_backbone(model_name)
-    positions = getattr(backbone.config, "max_position_embeddings", None) or getattr(backbone.config, "n_positions", None)
-    if family != "seq2seq" and positions and args.max_length > positions:
+    positions = usable_positions(backbone, family)
+    if positions and args.max_length > positions:
         raise UserError(f"--max_length {args.max_length} exceeds the backbone's {positions} positions")
     if family == "seq2seq" and method == "head_only":
         raise UserError("--method head_only needs a task head, and seq2seq backbones (T5) have none: they score "
