@@ -408,9 +408,11 @@ class MEPT(nn.Module):
             return None  # the backbone was called on its own, not through MEPT: leave it alone
         P, s = self.config.prompt_len, self.slot_offset
         hidden = args[0] if args else kwargs["hidden_states"]  # (B, P+T, D), or longer: see below
+        T = self._token_mask.shape[1]
+        if hidden.shape[1] < P + T:
+            return None  # a cached generation step carries only new tokens; the slots sit in the cache already
         # real tokens only; a model that pads the sequence inside (Longformer, to a multiple of its
         # attention window) hands us (B, P+T+pad, D), and the router must not read that padding
-        T = self._token_mask.shape[1]
         tokens = torch.cat([hidden[:, :s], hidden[:, s + P:P + T]], dim=1)  # (B, T, D)
         mixed_prompt = self._route(layer, tokens)  # (B, P, D)
         # replace the slots, never concatenate: length, masks and T5's position bias stay valid
@@ -423,9 +425,9 @@ class MEPT(nn.Module):
         """What the hooks cannot serve, refused in one sentence instead of giving wrong numbers."""
         if self._removed:
             raise RuntimeError("this MEPT was removed from its backbone; attach a new one with MEPT(backbone, config).")
-        if kwargs.get("past_key_values") is not None:
-            raise ValueError("MEPT inserts its prompt slots into every forward, so it cannot extend a key/value cache; "
-                             "run the whole sequence each step (or use the backbone alone for cached decoding).")
+        if kwargs.get("past_key_values") is not None and not self.is_encoder_decoder:  # T5's cache is the decoder's
+            raise ValueError("MEPT inserts its prompt slots into every forward, so a forward cannot extend a key/value "
+                             "cache; use model.generate(...), which writes the slots once and then decodes from the cache.")
         if (int(transformers_version().split(".")[0]) < 5 and self.training and torch.is_grad_enabled()
                 and getattr(self.backbone, "is_gradient_checkpointing", False)):
             # transformers 4.x checkpoints a block's whole module call, hooks included, and replays it during
@@ -472,6 +474,29 @@ class MEPT(nn.Module):
             self.aux_loss = self.config.balance_coef * torch.stack(losses).mean()  # scalar
         return out
 
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, **kwargs):
+        """The backbone's own generate(), with the routed prompts: the slots are written once, by the
+        encoder (T5) or by a decoder's first, whole-prompt forward; every later step reads them from the
+        key/value cache (the hooks leave one-token steps alone). Routing follows the input only. Pad a
+        decoder's batch on the left, as generation needs; its positions count real tokens and slots."""
+        self._check_call(kwargs)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)  # (B, T)
+        B, P = input_ids.shape[0], self.config.prompt_len
+        embeds = self.backbone.get_input_embeddings()(input_ids)  # (B, T, D)
+        self.routing = {}
+        self._token_mask = attention_mask
+        try:
+            inputs_embeds = self._insert(embeds, self._route(0, embeds))  # (B, P+T, D)
+            mask = self._insert(attention_mask, attention_mask.new_ones(B, P))  # (B, P+T)
+            if self.is_encoder_decoder:  # the prompts live in the encoder: run it here, decode from its output
+                encoder_outputs = self.backbone.get_encoder()(inputs_embeds=inputs_embeds, attention_mask=mask)
+                return self.backbone.generate(encoder_outputs=encoder_outputs, attention_mask=mask, **kwargs)
+            return self.backbone.generate(inputs_embeds=inputs_embeds, attention_mask=mask, **kwargs)  # new tokens only
+        finally:
+            self._token_mask = None
+
     # --- bookkeeping: parameters, saving, loading, detaching ---------------------------
     def trainable_parameters_line(self):
         return parameters_line(self)
@@ -498,7 +523,8 @@ class MEPT(nn.Module):
         config = json.dumps(asdict(self.config), indent=2)
         names = ("mept_model.safetensors", "mept_config.json")
         try:
-            save_file(tensors, os.path.join(directory, names[0] + ".tmp"), metadata={"mept_config": config})
+            save_file(tensors, os.path.join(directory, names[0] + ".tmp"),
+                      metadata={"mept_config": config, "mept_layout": json.dumps(self._layout())})
             with open(os.path.join(directory, names[1] + ".tmp"), "w") as f:
                 f.write(config)
             for name in names:
@@ -508,17 +534,27 @@ class MEPT(nn.Module):
                 if os.path.exists(os.path.join(directory, name + ".tmp")):
                     os.remove(os.path.join(directory, name + ".tmp"))
 
+    def _layout(self):
+        """Where the slots sit: weights of matching shapes from another layout would load but mean nothing."""
+        return {"slot_offset": self.slot_offset, "is_encoder_decoder": self.is_encoder_decoder}
+
     @classmethod
     def from_pretrained(cls, backbone, directory):
         path = os.path.join(directory, "mept_model.safetensors")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{directory} holds no mept_model.safetensors; save one with save_pretrained().")
         with safe_open(path, framework="pt") as f:
-            config = (f.metadata() or {}).get("mept_config")  # saved with the weights (older saves: the JSON only)
+            metadata = f.metadata() or {}
+        config = metadata.get("mept_config")  # saved with the weights (older saves: the JSON only)
         if config is None:
             with open(os.path.join(directory, "mept_config.json")) as f:
                 config = f.read()
         model = cls(backbone, MEPTConfig(**json.loads(config)))
+        saved_layout = json.loads(metadata.get("mept_layout", "null")) or model._layout()
+        if saved_layout != model._layout():  # e.g. a BERT checkpoint on a Llama of the same width and depth
+            model.remove()
+            raise ValueError(f"checkpoint in {directory} was trained with the layout {saved_layout}, this backbone has "
+                             f"{model._layout()}; load it onto the same kind of backbone it was trained on.")
         tensors = load_file(path)
         params = dict(model.named_parameters())  # a saved head of the backbone's own is trainable again below
         trainable = {n for n, p in params.items() if p.requires_grad}  # prompts and routers

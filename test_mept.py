@@ -286,6 +286,47 @@ def test_left_padding_on_a_decoder_changes_neither_routing_nor_output(family):
     torch.testing.assert_close(model(pad_ids, pad_mask, position_ids=given).last_hidden_state[:, P + 4:], padded[:, P + 4:])
 
 
+@pytest.mark.parametrize("family", ["t5", "gpt2", "llama"])
+def test_generate_from_the_cache_equals_recomputing_every_step(family):
+    """generate() writes the slots once (T5's encoder, a decoder's first forward) and then decodes from
+    the key/value cache. Oracle: a greedy loop that runs MEPT.forward on the whole sequence each step,
+    one row left-padded. Decoders use one expert here, because recomputing lets the router read the
+    generated tokens too, while generate() routes on the input only (checked at the end)."""
+    from transformers import GPT2LMHeadModel, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if family == "t5":
+        lm = tiny_backbone("t5")
+    elif family == "gpt2":
+        lm = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=D, n_layer=N_BLOCKS, n_head=2, n_positions=64,
+                                        bos_token_id=1, eos_token_id=1)).eval()
+    else:
+        lm = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=D, num_hidden_layers=N_BLOCKS,
+                                          num_attention_heads=2, num_key_value_heads=1, intermediate_size=40,
+                                          max_position_embeddings=64)).eval()
+    experts = dict(n_experts=E, top_k=K) if family == "t5" else dict(n_experts=1, top_k=1)
+    model = MEPT(lm, MEPTConfig(prompt_len=P, **experts)).eval()
+    ids, mask = batch(b=2)
+    if family != "t5":
+        ids[0, :2], mask[0, :2] = 0, 0  # row 0 padded on the left
+    out = model.generate(ids, mask, max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0,
+                         output_scores=True, return_dict_in_generate=True)
+    seq, seq_mask = (torch.zeros(2, 1, dtype=torch.long), None) if family == "t5" else (ids, mask)
+    with torch.no_grad():
+        for step in range(4):
+            if family == "t5":
+                logits = model(ids, mask, decoder_input_ids=seq).logits[:, -1]  # (2, V)
+            else:
+                logits = model(seq, seq_mask).logits[:, -1]  # (2, V)
+                seq_mask = torch.cat([seq_mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+            torch.testing.assert_close(out.scores[step], logits, atol=1e-5, rtol=1e-4)
+            seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out.sequences[:, -4:], seq[:, -4:])
+    routed = {l: r.expert_idx for l, r in model.routing.items()}
+    model(ids, mask, **({"decoder_input_ids": seq[:, :1]} if family == "t5" else {}))
+    assert set(routed) == set(range(N_BLOCKS)) and all(torch.equal(routed[l], model.routing[l].expert_idx) for l in routed)
+
+
 def test_token_level_labels_get_ignored_entries_for_the_slots():
     from transformers import GPT2LMHeadModel
 
@@ -409,6 +450,9 @@ def test_a_checkpoint_for_another_shape_is_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match="other shapes: \\['prompts.0.shared \\[1, 1, 1\\] vs \\[1, 3, 24\\]"):
         MEPT.from_pretrained(backbone, tmp_path)
     MEPT(backbone, MEPTConfig())  # the refused load left nothing attached
+    mept("gpt2").save_pretrained(tmp_path / "gpt2")  # same width and depth as BERT's, slots elsewhere
+    with pytest.raises(ValueError, match="layout .*'slot_offset': 0.* this backbone has .*'slot_offset': 1"):
+        MEPT.from_pretrained(tiny_backbone("bert"), tmp_path / "gpt2")
 
 
 def test_weights_and_config_are_committed_together(tmp_path, monkeypatch):
@@ -530,7 +574,7 @@ def test_what_the_hooks_cannot_serve_is_refused_in_one_sentence(tmp_path):
     model = MEPT(backbone, MEPTConfig(n_experts=E, prompt_len=P, top_k=K))
     with pytest.raises(ValueError, match="already has a MEPT attached"):  # two sets of hooks would both write
         MEPT(backbone, MEPTConfig(n_experts=E, prompt_len=P, top_k=K))
-    with pytest.raises(ValueError, match="cannot extend a key/value cache"):
+    with pytest.raises(ValueError, match="cannot extend a key/value cache.*model.generate"):
         model(*batch(), past_key_values=object())
     with pytest.raises(ValueError, match="leaves no room for tokens within the model's 64 positions"):
         MEPT(tiny_backbone("gpt2"), MEPTConfig(prompt_len=64))
