@@ -398,7 +398,10 @@ class MEPT(nn.Module):
         return "position_ids" in inspect.signature(self.backbone.forward).parameters
 
     def _route(self, layer, hidden_tokens):
-        mixed_prompt, routing = self.prompts[str(layer)](hidden_tokens, self._token_mask)  # (B, P, D)
+        mask = self._token_mask  # (B, T)
+        if hidden_tokens.shape[0] != mask.shape[0]:  # generate() with beams or several samples: rows repeated
+            mask = mask.repeat_interleave(hidden_tokens.shape[0] // mask.shape[0], dim=0)  # (B*n, T)
+        mixed_prompt, routing = self.prompts[str(layer)](hidden_tokens, mask)  # (B, P, D)
         self.routing[layer] = routing
         return mixed_prompt.to(hidden_tokens.dtype)  # (B, P, D) in the backbone's dtype
 

@@ -327,6 +327,25 @@ def test_generate_from_the_cache_equals_recomputing_every_step(family):
     assert set(routed) == set(range(N_BLOCKS)) and all(torch.equal(routed[l], model.routing[l].expert_idx) for l in routed)
 
 
+def test_beams_route_each_repeated_row_like_its_input():
+    """generate() with beams repeats every input's row inside the backbone; the router must see each
+    copy with its own input's mask and choose what the input alone chooses."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=D, num_hidden_layers=N_BLOCKS, num_attention_heads=2,
+                                      num_key_value_heads=1, intermediate_size=40, max_position_embeddings=64)).eval()
+    model = MEPT(lm, MEPTConfig(n_experts=E, prompt_len=P, top_k=K)).eval()
+    ids, mask = batch(b=2)
+    ids[0, :3], mask[0, :3] = 0, 0
+    model(ids, mask)
+    alone = {l: r.expert_idx for l, r in model.routing.items()}
+    out = model.generate(ids, mask, max_new_tokens=2, num_beams=3, pad_token_id=0)
+    assert out.shape == (2, 2)
+    for l in range(1, N_BLOCKS):
+        assert torch.equal(model.routing[l].expert_idx, alone[l].repeat_interleave(3, dim=0)), l
+
+
 def test_token_level_labels_get_ignored_entries_for_the_slots():
     from transformers import GPT2LMHeadModel
 
