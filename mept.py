@@ -240,6 +240,21 @@ def parameters_line(module):
     return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
 
 
+def position_limit(backbone):
+    """How many positions (prompt slots included) the backbone's position table can number, or None.
+    RoBERTa-style tables start counting after the pad id (roberta-base: 512 of 514); T5's relative
+    positions have no table (its n_positions is a leftover); BART's table is max_position_embeddings."""
+    config = backbone.config
+    limit = getattr(config, "max_position_embeddings", None) or (
+        None if getattr(config, "is_encoder_decoder", False) else getattr(config, "n_positions", None))
+    if not isinstance(limit, int) or limit <= 0:  # XLNet: -1, unbounded
+        return None
+    for name, module in backbone.named_modules():
+        if name.endswith("position_embeddings") and isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            return limit - (module.padding_idx + 1)
+    return limit
+
+
 def transformers_version():
     import transformers  # only to tell 4.x from 5.x where their block calls differ
 
@@ -249,40 +264,41 @@ def transformers_version():
 @torch.no_grad()
 def is_causal(backbone):
     """Decoder-only (Llama, GPT-2, Bloom, MPT, ...) or not, from behaviour, not from names or flags:
-    change the last of 8 tokens; in a causal stack the first position's output cannot move."""
+    change every token after the first; in a causal stack the first position's output cannot move at
+    all (its attention to later tokens is exactly zero), in any other stack it moves."""
     if getattr(backbone.config, "is_encoder_decoder", False):
         return False
     runner, weight = backbone.base_model, backbone.get_input_embeddings().weight
     ids = torch.randint(0, weight.shape[0], (1, 8), generator=torch.Generator().manual_seed(0)).to(weight.device)
     other = ids.clone()
-    other[0, -1] = (ids[0, -1] + 1) % weight.shape[0]  # (1, 8): only the last token differs
+    other[0, 1:] = (ids[0, 1:] + 1) % weight.shape[0]  # (1, 8): only the first token is the same
     was_training = runner.training
     try:
         runner.eval()
         first = [runner(input_ids=x, attention_mask=torch.ones_like(x))[0][:, 0].float() for x in (ids, other)]
     finally:
         runner.train(was_training)
-    return torch.allclose(first[0], first[1], atol=1e-5)
+    return torch.equal(first[0], first[1])
 
 
 # -----------------------------------------------------------------------------
 # Step 5: MEPT, the frozen backbone with prompt experts at the entrance of its blocks
 
 
-_ATTACHED = weakref.WeakSet()  # backbones that carry a MEPT's hooks right now
+_ATTACHED = weakref.WeakSet()  # block lists that carry a MEPT's hooks right now
 
 
 class MEPT(nn.Module):
     def __init__(self, backbone, config=None):
         super().__init__()
-        if backbone in _ATTACHED:  # two sets of hooks would both write the slots, and remove() could not undo them
+        self.blocks = find_blocks(backbone)
+        if self.blocks in _ATTACHED:  # two sets of hooks would both write the slots, and remove() could not undo them
             raise ValueError("this backbone already has a MEPT attached; call .remove() on that one first.")
         self.config = config = config or MEPTConfig()
         self.backbone = backbone
         self._was_trainable = {n: p.requires_grad for n, p in backbone.named_parameters()}
         self._was_training = backbone.training
 
-        self.blocks = find_blocks(backbone)
         self.n_blocks = len(self.blocks)
         self.layers = config.layers if config.layers is not None else list(range(self.n_blocks))
         if self.layers[-1] >= self.n_blocks:
@@ -292,10 +308,10 @@ class MEPT(nn.Module):
         # method.md, "Where the slots sit": right after [CLS] in a bidirectional encoder whose head
         # reads position 0; leading the sequence in seq2seq and decoder-only models
         self.slot_offset = 0 if (self.is_encoder_decoder or self.is_causal) else 1
-        max_positions = getattr(backbone.config, "max_position_embeddings", None) or getattr(backbone.config, "n_positions", None)
-        if isinstance(max_positions, int) and max_positions > 0 and config.prompt_len + self.slot_offset >= max_positions:
+        limit = position_limit(backbone)
+        if limit is not None and config.prompt_len + self.slot_offset >= limit:
             raise ValueError(f"prompt_len {config.prompt_len} leaves no room for tokens within the model's "
-                             f"{max_positions} positions; use a shorter prompt.")
+                             f"{limit} positions; use a shorter prompt.")
 
         embed = backbone.get_input_embeddings()
         entrances = self._block_entrances(embed)  # {l > 0: (width D_l, typical row norm)} of the hidden states
@@ -311,7 +327,7 @@ class MEPT(nn.Module):
         # (a bound method, not a closure: a deepcopy of MEPT, e.g. for weight averaging, gets hooks bound to the copy)
         self._handles = [self.blocks[l].register_forward_pre_hook(functools.partial(self._slot_hook, l), with_kwargs=True)
                          for l in self.layers if l > 0]
-        _ATTACHED.add(backbone)
+        _ATTACHED.add(self.blocks)
         self._removed = False
         self._token_mask = None  # (B, T) real-token mask of the forward pass in progress
         self.routing, self.aux_loss = {}, torch.zeros(())
@@ -456,16 +472,18 @@ class MEPT(nn.Module):
             if kwargs.get("token_type_ids") is not None:
                 kwargs["token_type_ids"] = self._insert(kwargs["token_type_ids"], kwargs["token_type_ids"].new_zeros(B, P))
             labels = kwargs.get("labels")
-            if labels is not None and not self.is_encoder_decoder and labels.shape == input_ids.shape:
+            if (labels is not None and not self.is_encoder_decoder and labels.shape == input_ids.shape
+                    and not labels.is_floating_point()):  # token-level (LM) labels, not multi-label targets
                 kwargs["labels"] = self._insert(labels, labels.new_full((B, P), -100))  # (B, P+T): slots are not scored
             positions = kwargs.get("position_ids")
             if positions is None and self.is_causal and not bool(mask.all()) and self._takes_positions:
                 # a left-padded decoder: count positions over real tokens and slots only, so the distance from a
                 # token to the slots (and so routing and output) does not depend on how much padding sits between
                 positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, P+T)
-            elif positions is not None:  # the slots continue the first token's position, the tokens move up by P
+            elif positions is not None:  # the slots continue from the first real token's position, the tokens move up by P
+                first = positions.gather(1, attention_mask.long().argmax(1, keepdim=True))  # (B, 1): pads may hold anything
                 moved = torch.cat([positions[:, :s], positions[:, s:] + P], dim=1)  # (B, T)
-                positions = self._insert(moved, positions[:, :1] + s + torch.arange(P, device=positions.device))
+                positions = self._insert(moved, first + s + torch.arange(P, device=positions.device))
             if positions is not None:
                 kwargs["position_ids"] = positions  # (B, P+T)
             out = self.backbone(inputs_embeds=inputs_embeds, attention_mask=mask, **kwargs)
@@ -496,6 +514,9 @@ class MEPT(nn.Module):
             if self.is_encoder_decoder:  # the prompts live in the encoder: run it here, decode from its output
                 encoder_outputs = self.backbone.get_encoder()(inputs_embeds=inputs_embeds, attention_mask=mask)
                 return self.backbone.generate(encoder_outputs=encoder_outputs, attention_mask=mask, **kwargs)
+            for length in ("max_length", "min_length"):  # counted over the input, which now holds P slots more
+                if kwargs.get(length) is not None:
+                    kwargs[length] += P
             return self.backbone.generate(inputs_embeds=inputs_embeds, attention_mask=mask, **kwargs)  # new tokens only
         finally:
             self._token_mask = None
@@ -539,7 +560,8 @@ class MEPT(nn.Module):
 
     def _layout(self):
         """Where the slots sit: weights of matching shapes from another layout would load but mean nothing."""
-        return {"slot_offset": self.slot_offset, "is_encoder_decoder": self.is_encoder_decoder}
+        return {"model_type": getattr(self.backbone.config, "model_type", ""), "slot_offset": self.slot_offset,
+                "is_encoder_decoder": self.is_encoder_decoder}
 
     @classmethod
     def from_pretrained(cls, backbone, directory):
@@ -577,11 +599,13 @@ class MEPT(nn.Module):
         return model
 
     def remove(self):
-        """Take every hook out and give the backbone back exactly as it was."""
+        """Take every hook out and give the backbone back exactly as it was (once; later calls do nothing)."""
+        if self._removed:
+            return self.backbone
         for h in self._handles:
             h.remove()
         self._handles, self._removed = [], True
-        _ATTACHED.discard(self.backbone)
+        _ATTACHED.discard(self.blocks)
         self.backbone.train(self._was_training)
         for name, p in self.backbone.named_parameters():
             p.requires_grad_(self._was_trainable[name])

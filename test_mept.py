@@ -11,6 +11,7 @@ import torch
 from transformers import (BertConfig, BertModel, GPT2Config, GPT2Model, LlamaConfig, LlamaModel,
                           RobertaConfig, RobertaModel, T5Config, T5ForConditionalGeneration)
 
+import mept as mept_module
 from mept import MEPT, PRESETS, MEPTConfig, Routing, gather_experts, load_balancing_loss
 
 B, T, E, K, P, D, N_BLOCKS, VOCAB = 5, 7, 4, 2, 3, 24, 3, 50
@@ -282,7 +283,7 @@ def test_left_padding_on_a_decoder_changes_neither_routing_nor_output(family):
     assert all(torch.equal(model.routing[l].expert_idx, plain_idx[l]) for l in plain_idx)
     torch.testing.assert_close(padded[:, P + 4:], plain[:, P:], atol=1e-5, rtol=1e-4)
     # the same positions given explicitly: the slots continue from the first one, the tokens move up by P
-    given = (pad_mask.cumsum(-1) - 1).clamp(min=0)
+    given = (pad_mask.cumsum(-1) - 1).masked_fill(pad_mask == 0, 1)  # what generate() computes: pads hold 1
     torch.testing.assert_close(model(pad_ids, pad_mask, position_ids=given).last_hidden_state[:, P + 4:], padded[:, P + 4:])
 
 
@@ -322,6 +323,8 @@ def test_generate_from_the_cache_equals_recomputing_every_step(family):
             torch.testing.assert_close(out.scores[step], logits, atol=1e-5, rtol=1e-4)
             seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(out.sequences[:, -4:], seq[:, -4:])
+    if family != "t5":  # max_length counts the input's tokens, as for the bare backbone, not the slots
+        assert model.generate(ids, mask, max_length=T + 2, do_sample=False, pad_token_id=0).shape == (2, 2)
     routed = {l: r.expert_idx for l, r in model.routing.items()}
     model(ids, mask, **({"decoder_input_ids": seq[:, :1]} if family == "t5" else {}))
     assert set(routed) == set(range(N_BLOCKS)) and all(torch.equal(routed[l], model.routing[l].expert_idx) for l in routed)
@@ -357,6 +360,11 @@ def test_token_level_labels_get_ignored_entries_for_the_slots():
     # the slots are never scored: the loss is over the T tokens, the last slot predicting the first one
     logits = out.logits[:, P - 1:-1].reshape(-1, VOCAB)  # (B*T, V)
     torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(logits, ids.reshape(-1)))
+    from transformers import BertForSequenceClassification  # float multi-label targets that happen to be T wide
+    multi = BertForSequenceClassification(BertConfig(vocab_size=VOCAB, hidden_size=D, num_hidden_layers=N_BLOCKS,
+                                                     num_attention_heads=2, intermediate_size=40, num_labels=T,
+                                                     problem_type="multi_label_classification"))
+    assert MEPT(multi, MEPTConfig(n_experts=E, prompt_len=P, top_k=K))(ids, mask, labels=torch.ones(B, T)).loss.isfinite()
 
 
 def test_decoder_only_is_told_by_behaviour_bloom_included():
@@ -366,6 +374,12 @@ def test_decoder_only_is_told_by_behaviour_bloom_included():
     bloom = BloomModel(BloomConfig(vocab_size=VOCAB, hidden_size=D, n_layer=N_BLOCKS, n_head=2)).eval()
     assert MEPT(bloom, MEPTConfig(n_experts=E, prompt_len=P, top_k=K)).slot_offset == 0, "slots lead a decoder"
     assert [mept(f).slot_offset for f in FAMILIES] == [0, 1, 1, 0, 0]
+    from transformers import LongformerConfig, LongformerModel  # position 0 cannot see the last token: not causal
+    local = LongformerModel(LongformerConfig(vocab_size=VOCAB, hidden_size=D, num_hidden_layers=1, num_attention_heads=2,
+                                             intermediate_size=40, attention_window=4, max_position_embeddings=64))
+    quiet = BertModel(BertConfig(vocab_size=VOCAB, hidden_size=D, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=40, initializer_range=1e-3))  # moves position 0 by ~1e-6 only
+    assert not mept_module.is_causal(local) and not mept_module.is_causal(quiet)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients_or_is_refused():
@@ -600,7 +614,17 @@ def test_what_the_hooks_cannot_serve_is_refused_in_one_sentence(tmp_path):
     model.remove()
     with pytest.raises(RuntimeError, match="was removed"):
         model(*batch())
-    MEPT(backbone, MEPTConfig(n_experts=E, prompt_len=P, top_k=K))  # after remove() a new one may attach
+    second = MEPT(backbone, MEPTConfig(n_experts=E, prompt_len=P, top_k=K))  # after remove() a new one may attach
+    model.remove()  # a second remove() of the first does nothing to the second
+    assert not any(p.requires_grad for p in backbone.parameters()) and len(second._handles) == N_BLOCKS - 1
+    from transformers import BertForSequenceClassification
+    classifier = BertForSequenceClassification(BertConfig(vocab_size=VOCAB, hidden_size=D, num_hidden_layers=N_BLOCKS,
+                                                          num_attention_heads=2, intermediate_size=40))
+    MEPT(classifier, MEPTConfig(n_experts=E, prompt_len=P, top_k=K))
+    with pytest.raises(ValueError, match="already has a MEPT attached"):  # the same blocks, reached from inside
+        MEPT(classifier.bert, MEPTConfig(n_experts=E, prompt_len=P, top_k=K))
+    with pytest.raises(ValueError, match="within the model's 62 positions"):  # RoBERTa numbers from its pad id + 1
+        MEPT(tiny_backbone("roberta"), MEPTConfig(prompt_len=61))
 
 
 def test_a_weight_shared_model_asks_for_input_only_prompts():

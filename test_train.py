@@ -580,9 +580,9 @@ def test_max_length_is_checked_against_the_positions_a_model_can_number():
     bart = BartModel(BartConfig(vocab_size=40, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
                                 decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=64))
     t5 = T5Model(T5Config(vocab_size=40, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2))
-    assert train.usable_positions(roberta, "encoder") == 64, "RoBERTa counts positions after its pad id"
-    assert train.usable_positions(bart, "seq2seq") == 64, "BART has a learned table too"
-    assert train.usable_positions(t5, "seq2seq") is None, "T5's positions are relative: no table to overrun"
+    assert train.mept.position_limit(roberta) == 64, "RoBERTa counts positions after its pad id"
+    assert train.mept.position_limit(bart) == 64, "BART has a learned table too"
+    assert train.mept.position_limit(t5) is None, "T5's positions are relative: no table to overrun"
 
 
 def test_hub_data_without_network_points_to_data_dir(tmp_path, models, monkeypatch):

@@ -822,22 +822,6 @@ def read_run_config(directory):
         return json.load(f)
 
 
-def usable_positions(backbone, family):
-    """How many tokens (prompt slots included) the backbone's position table can number, or None.
-    T5's relative positions have no table (its n_positions is a leftover); BART's table is
-    max_position_embeddings long; RoBERTa-style tables start counting after the pad id, so
-    roberta-base takes 512 of its 514 positions."""
-    config = backbone.config
-    positions = getattr(config, "max_position_embeddings", None) or (
-        getattr(config, "n_positions", None) if family != "seq2seq" else None)
-    if not isinstance(positions, int) or positions <= 0:
-        return None
-    for name, module in backbone.named_modules():
-        if name.endswith("position_embeddings") and isinstance(module, nn.Embedding) and module.padding_idx is not None:
-            return positions - (module.padding_idx + 1)
-    return positions
-
-
 @torch.no_grad()
 def output_width(backbone):
     """Width of last_hidden_state, what a head reads: hidden_size, except where a model projects its
@@ -1078,7 +1062,7 @@ def main(argv=None):
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)  # noqa: E731
     model_name = args.model or (saved_run["model"] if saved_run else "t5-base")
     backbone, tokenizer, family = load_backbone(model_name)
-    positions = usable_positions(backbone, family)
+    positions = mept.position_limit(backbone)
     if positions and args.max_length > positions:
         raise UserError(f"--max_length {args.max_length} exceeds the backbone's {positions} positions")
     if family == "seq2seq" and method == "head_only":
