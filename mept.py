@@ -10,7 +10,9 @@ into the P slots. Different inputs take different experts at different depths: a
 Only experts, routers and (where the backbone needs one) a task head are trained.
 
 Shape legend (used everywhere below):
-    B batch   T real tokens   L blocks   E n_experts   K top_k   P prompt_len   D d_model
+    B batch   T tokens per input (padding included; the mask marks the real ones)   L blocks
+    E n_experts   K top_k   P prompt_len   D d_model   D_l width entering block l (= D but in
+    ELECTRA-small, OPT-350m)
 Glossary:  ours             PEFT                   official MEPT code
            prompt_len       num_virtual_tokens     num_virtual_tokens
            n_experts        -                      n_routes
@@ -26,14 +28,17 @@ import math
 import os
 import time
 import weakref
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import transformers
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])  # 4.x and 5.x call blocks differently (see _check_call)
 
 # -----------------------------------------------------------------------------
 # Step 0: configuration, one dataclass
@@ -56,8 +61,9 @@ class MEPTConfig:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{name} must be a whole number, got {value!r}.")
         for name in ("router_noise", "balance_coef"):
-            if not isinstance(getattr(self, name), (int, float)) or not math.isfinite(getattr(self, name)):
-                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)!r}.")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}.")
         if self.n_experts < 1:
             raise ValueError(f"n_experts must be at least 1, got {self.n_experts}.")
         if not 1 <= self.top_k <= self.n_experts:
@@ -71,7 +77,7 @@ class MEPTConfig:
         if self.init not in ("vocab", "random"):
             raise ValueError(f"init must be 'vocab' or 'random', got {self.init!r}.")
         if self.layers is not None:
-            if any(isinstance(l, bool) or int(l) != l or l < 0 for l in self.layers):
+            if any(isinstance(l, bool) or not isinstance(l, int) or l < 0 for l in self.layers):
                 raise ValueError(f"layers must be block indices 0, 1, 2, ..., got {list(self.layers)}.")
             self.layers = sorted(set(int(l) for l in self.layers))
             if 0 not in self.layers:
@@ -148,7 +154,7 @@ def gather_experts(expert_pool, expert_idx, gate):
 
     Worked by hand: E=3, P=2, so the flat rows are [e0p0, e0p1, e1p0, e1p1, e2p0, e2p1].
       expert_idx = [[2, 0]], gate = [[0.7, 0.2]]                   (B=1, K=2)
-      rows e*P+p = [[2, 0]] * 2 + [0, 1] -> [[[4, 5], [0, 1]]]      (1, 2, P): runs starting at 2*P and 0*P
+      rows e*P+p = expert_idx[..., None] * P + [0, 1] -> [[[4, 5], [0, 1]]]   (1, 2, P): runs from 2*P and 0*P
       picked     = (E, P*D) view rows [2, 0] = [[e2p0 e2p1], [e0p0 e0p1]]   (1, 2, P*D)
       mixed[0]   = [[0.7, 0.2]] @ picked = 0.7 * [e2p0 e2p1] + 0.2 * [e0p0 e0p1]   (1, 1, P*D) -> (1, P, D)
     Oracle: test_gather_matches_per_example_loop compares this with a double loop.
@@ -214,7 +220,7 @@ def load_balancing_loss(routing, n_experts):
 
 
 # -----------------------------------------------------------------------------
-# Step 4: finding the blocks of any Hugging Face backbone, from the model itself
+# Step 4: reading any Hugging Face backbone from the model itself: its blocks, causal or not, its positions
 
 
 def find_blocks(backbone):
@@ -253,12 +259,6 @@ def position_limit(backbone):
         if name.endswith("position_embeddings") and isinstance(module, nn.Embedding) and module.padding_idx is not None:
             return limit - (module.padding_idx + 1)
     return limit
-
-
-def transformers_version():
-    import transformers  # only to tell 4.x from 5.x where their block calls differ
-
-    return transformers.__version__
 
 
 @torch.no_grad()
@@ -330,6 +330,8 @@ class MEPT(nn.Module):
         _ATTACHED.add(self.blocks)
         self._removed = False
         self._token_mask = None  # (B, T) real-token mask of the forward pass in progress
+        # alibi models (Bloom, MPT) take no position_ids; the rest get positions that skip left padding
+        self._takes_positions = "position_ids" in inspect.signature(backbone.forward).parameters
         self.routing, self.aux_loss = {}, torch.zeros(())
 
     # --- initialisation ------------------------------------------------------
@@ -409,33 +411,29 @@ class MEPT(nn.Module):
         s = self.slot_offset
         return torch.cat([seq[:, :s], slots, seq[:, s:]], dim=1)  # (B, P+T, ...)
 
-    @property
-    def _takes_positions(self):
-        return "position_ids" in inspect.signature(self.backbone.forward).parameters
-
     def _route(self, layer, hidden_tokens):
         mask = self._token_mask  # (B, T)
-        if hidden_tokens.shape[0] != mask.shape[0]:  # generate() with beams or several samples: rows repeated
+        if hidden_tokens.shape[0] != mask.shape[0]:  # generate() with beams or n samples repeats each row n times
             mask = mask.repeat_interleave(hidden_tokens.shape[0] // mask.shape[0], dim=0)  # (B*n, T)
-        mixed_prompt, routing = self.prompts[str(layer)](hidden_tokens, mask)  # (B, P, D)
+        mixed_prompt, routing = self.prompts[str(layer)](hidden_tokens, mask)  # (B, P, D_l)
         self.routing[layer] = routing
-        return mixed_prompt.to(hidden_tokens.dtype)  # (B, P, D) in the backbone's dtype
+        return mixed_prompt.to(hidden_tokens.dtype)  # (B, P, D_l) in the backbone's dtype
 
     def _slot_hook(self, layer, block, args, kwargs):
         """Forward pre-hook of block `layer`: route on the real tokens, write the mixture into the slots."""
         if self._token_mask is None:
             return None  # the backbone was called on its own, not through MEPT: leave it alone
         P, s = self.config.prompt_len, self.slot_offset
-        hidden = args[0] if args else kwargs["hidden_states"]  # (B, P+T, D), or longer: see below
+        hidden = args[0] if args else kwargs["hidden_states"]  # (B, P+T, D_l), or longer: see below
         T = self._token_mask.shape[1]
         if hidden.shape[1] < P + T:
-            return None  # a cached generation step carries only new tokens; the slots sit in the cache already
+            return None  # a cached generation step holds only new tokens; the slots are in the cache already
         # real tokens only; a model that pads the sequence inside (Longformer, to a multiple of its
-        # attention window) hands us (B, P+T+pad, D), and the router must not read that padding
-        tokens = torch.cat([hidden[:, :s], hidden[:, s + P:P + T]], dim=1)  # (B, T, D)
-        mixed_prompt = self._route(layer, tokens)  # (B, P, D)
+        # attention window) hands us (B, P+T+pad, D_l), and the router must not read that padding
+        tokens = torch.cat([hidden[:, :s], hidden[:, s + P:P + T]], dim=1)  # (B, T, D_l)
+        mixed_prompt = self._route(layer, tokens)  # (B, P, D_l)
         # replace the slots, never concatenate: length, masks and T5's position bias stay valid
-        hidden = torch.cat([hidden[:, :s], mixed_prompt, hidden[:, s + P:]], dim=1)  # (B, P+T(+pad), D)
+        hidden = torch.cat([hidden[:, :s], mixed_prompt, hidden[:, s + P:]], dim=1)  # (B, P+T(+pad), D_l)
         if args:
             return (hidden, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": hidden}
@@ -444,10 +442,13 @@ class MEPT(nn.Module):
         """What the hooks cannot serve, refused in one sentence instead of giving wrong numbers."""
         if self._removed:
             raise RuntimeError("this MEPT was removed from its backbone; attach a new one with MEPT(backbone, config).")
+        for name in ("inputs_embeds", "encoder_outputs"):  # would skip the slots, or every routed block
+            if kwargs.get(name) is not None:
+                raise ValueError(f"MEPT builds {name} itself from input_ids (the prompts live there); pass input_ids only.")
         if kwargs.get("past_key_values") is not None and not self.is_encoder_decoder:  # T5's cache is the decoder's
             raise ValueError("MEPT inserts its prompt slots into every forward, so a forward cannot extend a key/value "
                              "cache; use model.generate(...), which writes the slots once and then decodes from the cache.")
-        if (int(transformers_version().split(".")[0]) < 5 and self.training and torch.is_grad_enabled()
+        if (self.training and torch.is_grad_enabled() and TRANSFORMERS_MAJOR < 5
                 and getattr(self.backbone, "is_gradient_checkpointing", False)):
             # transformers 4.x checkpoints a block's whole module call, hooks included, and replays it during
             # backward, after MEPT.forward has returned: the replay would not route (5.x keeps hooks outside)
@@ -455,41 +456,52 @@ class MEPT(nn.Module):
                              "forward and would give wrong gradients; call backbone.gradient_checkpointing_disable() "
                              "or use transformers 5.")
 
-    def forward(self, input_ids, attention_mask=None, **kwargs):
+    def _prompted(self, input_ids, attention_mask, kwargs):
+        """Steps 1-2 of method.md for block 0, shared by forward() and generate(): embed, route on the
+        embeddings, insert the mixture as P slots, and widen the mask. Later blocks route in the hooks,
+        which read the real-token mask kept in self._token_mask until the caller clears it."""
         self._check_call(kwargs)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)  # (B, T)
-        B, P, s = input_ids.shape[0], self.config.prompt_len, self.slot_offset
+        B, P = input_ids.shape[0], self.config.prompt_len
         embeds = self.backbone.get_input_embeddings()(input_ids)  # (B, T, D)
         self.routing = {}
         self._token_mask = attention_mask
+        inputs_embeds = self._insert(embeds, self._route(0, embeds))  # (B, P+T, D): block 0 routes on the embeddings
+        mask = self._insert(attention_mask, attention_mask.new_ones(B, P))  # (B, P+T): every token may attend to the slots
+        return inputs_embeds, mask
+
+    def _per_token_inputs(self, kwargs, input_ids, attention_mask, mask):
+        """Whatever the caller laid out per token gets an entry for each slot too."""
+        B, P, s = input_ids.shape[0], self.config.prompt_len, self.slot_offset
+        if kwargs.get("token_type_ids") is not None:
+            kwargs["token_type_ids"] = self._insert(kwargs["token_type_ids"], kwargs["token_type_ids"].new_zeros(B, P))
+        labels = kwargs.get("labels")
+        if (labels is not None and not self.is_encoder_decoder and labels.shape == input_ids.shape
+                and not labels.is_floating_point()):  # token-level (LM) labels, not multi-label targets
+            kwargs["labels"] = self._insert(labels, labels.new_full((B, P), -100))  # (B, P+T): slots are not scored
+        positions = kwargs.get("position_ids")
+        if positions is None and self.is_causal and not bool(mask.all()) and self._takes_positions:
+            # a left-padded decoder: count positions over real tokens and slots only, so the distance from a
+            # token to the slots (and so routing and output) does not depend on how much padding sits between
+            kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, P+T)
+        elif positions is not None:  # the slots continue from the first real token's position, the tokens move up by P
+            first = positions.gather(1, attention_mask.long().argmax(1, keepdim=True))  # (B, 1): pads may hold anything
+            moved = torch.cat([positions[:, :s], positions[:, s:] + P], dim=1)  # (B, T)
+            kwargs["position_ids"] = self._insert(moved, first + s + torch.arange(P, device=positions.device))  # (B, P+T)
+        return kwargs
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        """The backbone's own call on input_ids (B, T) with the routed prompts in P slots; returns the
+        backbone's output (its loss too, when labels are given). Afterwards self.routing holds each
+        routed block's Routing, and self.aux_loss the balance term (0 unless balance_coef > 0)."""
         try:
-            mixed_prompt = self._route(0, embeds)  # (B, P, D): block 0 routes on the embeddings
-            inputs_embeds = self._insert(embeds, mixed_prompt)  # (B, P+T, D)
-            ones = attention_mask.new_ones(B, P)  # (B, P): every token may attend to the slots
-            mask = self._insert(attention_mask, ones)  # (B, P+T)
-            # everything laid out per token gets an entry for the slots too
-            if kwargs.get("token_type_ids") is not None:
-                kwargs["token_type_ids"] = self._insert(kwargs["token_type_ids"], kwargs["token_type_ids"].new_zeros(B, P))
-            labels = kwargs.get("labels")
-            if (labels is not None and not self.is_encoder_decoder and labels.shape == input_ids.shape
-                    and not labels.is_floating_point()):  # token-level (LM) labels, not multi-label targets
-                kwargs["labels"] = self._insert(labels, labels.new_full((B, P), -100))  # (B, P+T): slots are not scored
-            positions = kwargs.get("position_ids")
-            if positions is None and self.is_causal and not bool(mask.all()) and self._takes_positions:
-                # a left-padded decoder: count positions over real tokens and slots only, so the distance from a
-                # token to the slots (and so routing and output) does not depend on how much padding sits between
-                positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, P+T)
-            elif positions is not None:  # the slots continue from the first real token's position, the tokens move up by P
-                first = positions.gather(1, attention_mask.long().argmax(1, keepdim=True))  # (B, 1): pads may hold anything
-                moved = torch.cat([positions[:, :s], positions[:, s:] + P], dim=1)  # (B, T)
-                positions = self._insert(moved, first + s + torch.arange(P, device=positions.device))
-            if positions is not None:
-                kwargs["position_ids"] = positions  # (B, P+T)
+            inputs_embeds, mask = self._prompted(input_ids, attention_mask, kwargs)  # (B, P+T, D), (B, P+T)
+            kwargs = self._per_token_inputs(kwargs, input_ids, self._token_mask, mask)
             out = self.backbone(inputs_embeds=inputs_embeds, attention_mask=mask, **kwargs)
         finally:
-            self._token_mask = None
-        self.aux_loss = embeds.new_zeros((), dtype=torch.float32)  # scalar: the balance term is off
+            self._token_mask = None  # the hooks act only inside this call
+        self.aux_loss = inputs_embeds.new_zeros((), dtype=torch.float32)  # scalar: the balance term is off
         if self.config.balance_coef > 0:
             losses = [load_balancing_loss(r, self.config.n_experts) for r in self.routing.values()]
             self.aux_loss = self.config.balance_coef * torch.stack(losses).mean()  # scalar
@@ -498,25 +510,17 @@ class MEPT(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, **kwargs):
         """The backbone's own generate(), with the routed prompts: the slots are written once, by the
-        encoder (T5) or by a decoder's first, whole-prompt forward; every later step reads them from the
-        key/value cache (the hooks leave one-token steps alone). Routing follows the input only. Pad a
-        decoder's batch on the left, as generation needs; its positions count real tokens and slots."""
-        self._check_call(kwargs)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)  # (B, T)
-        B, P = input_ids.shape[0], self.config.prompt_len
-        embeds = self.backbone.get_input_embeddings()(input_ids)  # (B, T, D)
-        self.routing = {}
-        self._token_mask = attention_mask
+        encoder (T5) or by a decoder's first forward over the whole input; every later step reads them
+        from the key/value cache (the hooks leave alone any call shorter than P+T, i.e. cached steps).
+        Routing follows the input only. Pad a decoder's batch on the left, as generation needs."""
         try:
-            inputs_embeds = self._insert(embeds, self._route(0, embeds))  # (B, P+T, D)
-            mask = self._insert(attention_mask, attention_mask.new_ones(B, P))  # (B, P+T)
+            inputs_embeds, mask = self._prompted(input_ids, attention_mask, kwargs)  # (B, P+T, D), (B, P+T)
             if self.is_encoder_decoder:  # the prompts live in the encoder: run it here, decode from its output
                 encoder_outputs = self.backbone.get_encoder()(inputs_embeds=inputs_embeds, attention_mask=mask)
                 return self.backbone.generate(encoder_outputs=encoder_outputs, attention_mask=mask, **kwargs)
             for length in ("max_length", "min_length"):  # counted over the input, which now holds P slots more
                 if kwargs.get(length) is not None:
-                    kwargs[length] += P
+                    kwargs[length] += self.config.prompt_len
             return self.backbone.generate(inputs_embeds=inputs_embeds, attention_mask=mask, **kwargs)  # new tokens only
         finally:
             self._token_mask = None
@@ -536,6 +540,11 @@ class MEPT(nn.Module):
         activated = sum(pool * c.top_k // c.n_experts for pool in pools) + sum(shared)
         return dict(stored=stored, activated=activated, deep_prompt_same_storage=stored,
                     activated_share=activated / stored, reduction_vs_deep_prompt=1 - activated / stored)
+
+    def _layout(self):
+        """Where the slots sit: weights of matching shapes from another layout would load but mean nothing."""
+        return {"model_type": getattr(self.backbone.config, "model_type", ""), "slot_offset": self.slot_offset,
+                "is_encoder_decoder": self.is_encoder_decoder}
 
     def save_pretrained(self, directory):
         """Only what trains: every parameter with requires_grad (prompts, routers, any head), as
@@ -558,11 +567,6 @@ class MEPT(nn.Module):
                 if os.path.exists(os.path.join(directory, name + ".tmp")):
                     os.remove(os.path.join(directory, name + ".tmp"))
 
-    def _layout(self):
-        """Where the slots sit: weights of matching shapes from another layout would load but mean nothing."""
-        return {"model_type": getattr(self.backbone.config, "model_type", ""), "slot_offset": self.slot_offset,
-                "is_encoder_decoder": self.is_encoder_decoder}
-
     @classmethod
     def from_pretrained(cls, backbone, directory):
         path = os.path.join(directory, "mept_model.safetensors")
@@ -575,8 +579,8 @@ class MEPT(nn.Module):
             with open(os.path.join(directory, "mept_config.json")) as f:
                 config = f.read()
         model = cls(backbone, MEPTConfig(**json.loads(config)))
-        saved_layout = json.loads(metadata.get("mept_layout", "null")) or model._layout()
-        if saved_layout != model._layout():  # e.g. a BERT checkpoint on a Llama of the same width and depth
+        saved_layout = json.loads(metadata.get("mept_layout", "{}"))  # {} from older saves: nothing to compare
+        if any(model._layout().get(k, v) != v for k, v in saved_layout.items()):  # e.g. BERT weights onto a Llama
             model.remove()
             raise ValueError(f"checkpoint in {directory} was trained with the layout {saved_layout}, this backbone has "
                              f"{model._layout()}; load it onto the same kind of backbone it was trained on.")
@@ -599,7 +603,8 @@ class MEPT(nn.Module):
         return model
 
     def remove(self):
-        """Take every hook out and give the backbone back exactly as it was (once; later calls do nothing)."""
+        """Take every hook out; restore the backbone's requires_grad flags and train/eval mode (a head
+        inside it keeps what it learned). Once: later calls do nothing."""
         if self._removed:
             return self.backbone
         for h in self._handles:

@@ -607,6 +607,8 @@ def test_what_the_hooks_cannot_serve_is_refused_in_one_sentence(tmp_path):
     model = MEPT(backbone, MEPTConfig(n_experts=E, prompt_len=P, top_k=K))
     with pytest.raises(ValueError, match="already has a MEPT attached"):  # two sets of hooks would both write
         MEPT(backbone, MEPTConfig(n_experts=E, prompt_len=P, top_k=K))
+    with pytest.raises(ValueError, match="builds inputs_embeds itself from input_ids"):
+        model(*batch(), inputs_embeds=torch.zeros(B, T, D))
     with pytest.raises(ValueError, match="cannot extend a key/value cache.*model.generate"):
         model(*batch(), past_key_values=object())
     with pytest.raises(ValueError, match="leaves no room for tokens within the model's 64 positions"):

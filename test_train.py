@@ -378,6 +378,30 @@ def test_every_method_runs_and_its_checkpoint_reloads(tmp_path, data_dir, models
     assert again["metrics"] == results["metrics"], "reloading best/ must reproduce the reported metrics"
 
 
+def test_full_finetuning_of_a_model_with_tied_embeddings_saves_and_reloads(tmp_path, data_dir, models):
+    """T5 ties its embedding matrices; the backbone checkpoint stores the shared tensor once."""
+    results, out = run(tmp_path, models["seq2seq"], data_dir, "--task", "cb", "--method", "finetune", "--max_steps", "2")
+    again, _ = run(tmp_path, models["seq2seq"], data_dir, "--task", "cb", "--eval_only",
+                   "--checkpoint", os.path.join(out, "best"), out="reload")
+    assert again["metrics"] == results["metrics"]
+
+
+def test_resume_keeps_an_early_stop_and_refuses_other_flags(tmp_path, data_dir, models):
+    """A run that ran out of patience and is resumed (say it was killed before results.json) stops
+    where the uninterrupted run stopped; resuming with another method is refused in one line."""
+    flags = ("--task", "cb", "--num_epochs", "4", "--eval_steps", "1", "--patience", "1", "--lr", "1e-12",
+             "--head_lr", "1e-12", "--max_train_samples", "8")
+    whole, out = run(tmp_path, models["encoder"], data_dir, *flags)
+    assert whole["steps"] == 2, "no improvement after the first evaluation: patience 1 stops at the second"
+    os.remove(os.path.join(out, "results.json"))
+    resumed, _ = run(tmp_path, models["encoder"], data_dir, *flags, "--resume")
+    assert (resumed["steps"], resumed["best_epoch"], resumed["metrics"]) == (whole["steps"], whole["best_epoch"], whole["metrics"])
+    with pytest.raises(train.UserError, match="used --method mept, not head_only"):
+        run(tmp_path, models["encoder"], data_dir, *flags, "--resume", "--method", "head_only")
+    with pytest.raises(train.UserError, match="used --batch_size 4, not 2"):
+        run(tmp_path, models["encoder"], data_dir, *flags[:-2], "--resume", "--batch_size", "2", "--max_train_samples", "8")
+
+
 @pytest.mark.parametrize("kind", ["electra_small", "opt_350m"])
 def test_backbones_whose_widths_change_inside_train_and_reload(tmp_path, data_dir, kind):
     """ELECTRA-small: 16-wide embeddings, 32-wide blocks (128/256 in the real one). OPT-350m: 16-wide
@@ -565,6 +589,11 @@ def test_bad_inputs_each_get_a_clear_message(tmp_path, data_dir, models):
         (["--task", "cb", "--eval_only"], "--eval_only needs --checkpoint"),
         (["--task", "cb", "--resume"], "nothing to resume"),
         (["--task", "cb", "--device", "cuda"], "--device cuda is not available"),
+        (["--task", "cb", "--lr", "-1"], "--lr must be positive, got -1"),
+        (["--task", "cb", "--head_dropout", "1.5"], r"--head_dropout must be in \[0, 1\)"),
+        (["--task", "cb", "--num_epochs", "0", "--max_steps", "0"], "nothing to train"),
+        (["--task", "cb", "--output_dir", str(broken / "CB" / "train.jsonl")], "is a file, not a folder"),
+        (["--task", "cb", "--dev_from_train", "0.99", "--data_dir", str(broken)], "leaves no cb rows to train on"),
     ]
     for extra, message in cases:
         with pytest.raises(train.UserError, match=message):

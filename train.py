@@ -41,7 +41,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, load_model, save_file, save_model
 from tqdm import tqdm  # a console bar; train.main() run from a notebook shows none (disable=None)
 from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM, AutoTokenizer, set_seed
 from transformers.optimization import Adafactor
@@ -801,8 +801,8 @@ def save_checkpoint(model, directory, run_config, trainer_state=None):
         if isinstance(model.core, mept.MEPT):
             model.core.save_pretrained(tmp)  # mept_config.json + mept_model.safetensors
         elif run_config["method"] == "finetune":
-            save_file({k: v.contiguous().cpu() for k, v in model.core.state_dict().items()},
-                      os.path.join(tmp, "backbone.safetensors"))
+            # save_model, not save_file: T5 ties its embedding matrices, and save_model stores shared tensors once
+            save_model(model.core, os.path.join(tmp, "backbone.safetensors"))
         if len(model.heads):
             save_file({k: v.contiguous().cpu() for k, v in model.heads.state_dict().items()},
                       os.path.join(tmp, "head.safetensors"))
@@ -812,6 +812,17 @@ def save_checkpoint(model, directory, run_config, trainer_state=None):
             torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
 
     write_atomically(directory, write)
+
+
+RESUME_FLAGS = ("data_dir", "dev_from_train", "max_train_samples", "max_length", "optimizer", "lr", "head_lr",
+                "backbone_lr", "weight_decay", "warmup_ratio", "lr_schedule", "max_grad_norm", "batch_size",
+                "gradient_accumulation_steps", "num_epochs", "max_steps", "group_by_length", "head_dropout",
+                "class_weights", "seed", "eval_steps", "patience")
+
+
+def training_flags(args):
+    """The flags a resumed run must share with the run it continues (saved in run_config.json)."""
+    return {f"--{name}": getattr(args, name) for name in RESUME_FLAGS}
 
 
 def read_run_config(directory):
@@ -842,12 +853,13 @@ def build_model(backbone, family, method, mept_config, head_names, head_dropout,
         try:
             core = mept.MEPT.from_pretrained(backbone, checkpoint) if checkpoint else mept.MEPT(backbone, mept_config)
         except ValueError as e:  # mept.py speaks of MEPTConfig fields; here they are flags
-            raise UserError(f"impossible MEPT settings: {e}".replace("layers=[0]", "--layers 0")) from None
+            what = f"checkpoint {checkpoint} does not fit this backbone" if checkpoint else "impossible MEPT settings"
+            raise UserError(f"{what}: {e}".replace("layers=[0]", "--layers 0")) from None
     else:
         core = backbone
         backbone.requires_grad_(method == "finetune")  # head_only: a linear probe on a frozen backbone
         if checkpoint and method == "finetune":
-            backbone.load_state_dict(load_file(os.path.join(checkpoint, "backbone.safetensors")))
+            load_model(backbone, os.path.join(checkpoint, "backbone.safetensors"))
     heads = nn.ModuleDict()
     if family != "seq2seq":
         d_model = output_width(backbone)
@@ -1000,6 +1012,21 @@ def main(argv=None):
             raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if not 0 <= args.dev_from_train < 1:
         raise UserError(f"--dev_from_train must be in [0, 1), got {args.dev_from_train}")
+    for flag, ok, rule in [("lr", args.lr > 0, "positive"), ("head_lr", args.head_lr is None or args.head_lr > 0, "positive"),
+                           ("backbone_lr", args.backbone_lr is None or args.backbone_lr > 0, "positive"),
+                           ("weight_decay", args.weight_decay >= 0, "at least 0"),
+                           ("warmup_ratio", 0 <= args.warmup_ratio < 1, "in [0, 1)"),
+                           ("max_grad_norm", args.max_grad_norm >= 0, "at least 0 (0 = no clipping)"),
+                           ("head_dropout", 0 <= args.head_dropout < 1, "in [0, 1)"),
+                           ("eval_steps", args.eval_steps >= 0, "at least 0 (0 = once per epoch)"),
+                           ("patience", args.patience >= 0, "at least 0 (0 = off)"),
+                           ("max_train_samples", args.max_train_samples >= 0, "at least 0 (0 = all)"),
+                           ("max_eval_samples", args.max_eval_samples >= 0, "at least 0 (0 = all)")]:
+        if not ok:
+            raise UserError(f"--{flag} must be {rule}, got {getattr(args, flag)}")
+    if not args.eval_only and args.max_steps <= 0 and args.num_epochs <= 0:
+        raise UserError(f"nothing to train: --num_epochs {args.num_epochs} and --max_steps {args.max_steps}; "
+                        "give one of them a positive value")
     if args.checkpoint and not os.path.isdir(args.checkpoint):
         raise UserError(f"checkpoint folder {args.checkpoint} does not exist")
     saved_run = read_run_config(args.checkpoint) if args.checkpoint else None
@@ -1010,6 +1037,8 @@ def main(argv=None):
                             f"not on {TASKS[untrained[0]].eval_as or untrained[0]}; evaluate it on the tasks it learned")
     out = args.output_dir or os.path.join("out", f"{'_'.join(names)}_{'eval' if args.eval_only else args.method}")
     last_dir, best_dir = os.path.join(out, "last"), os.path.join(out, "best")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--output_dir {out} is a file, not a folder")
     if args.resume:
         recover_checkpoint(last_dir)
         recover_checkpoint(best_dir)
@@ -1026,6 +1055,16 @@ def main(argv=None):
         method = args.method
         mept_config = mept_config_from_args(args) if method in mept.PRESETS else None
         prompt_len = mept_config.prompt_len if mept_config else 0
+    if args.resume:  # the saved run decides; a different flag would continue some other run
+        before = read_run_config(last_dir)
+        now = {"--model": args.model or "t5-base", "--method": method, "--task": names,
+               "MEPT flags": asdict(mept_config) if mept_config else None, **training_flags(args)}
+        saved = {"--model": before["model"], "--method": before["method"], "--task": before["tasks"],
+                 "MEPT flags": before["mept"], **before.get("training", {})}
+        changed = [k for k in now if k in saved and saved[k] != now[k]]
+        if changed:
+            raise UserError(f"--resume continues the run in {out}, which used {changed[0]} {saved[changed[0]]}, "
+                            f"not {now[changed[0]]}; pass the same flags as that run")
     budget = args.max_length - prompt_len  # tokens left for the input after the prompt slots
     if budget < 8:
         raise UserError(f"prompt_len {prompt_len} leaves no room within max_length {args.max_length} "
@@ -1046,6 +1085,9 @@ def main(argv=None):
                         else (lambda r: json.dumps(r["idx"]))
                     train_rows, dev_rows = split_off_dev(train_rows, args.dev_from_train, args.seed, group_of)
                     splits["dev"] = take(dev_rows, args.max_eval_samples)
+                    if not train_rows:
+                        raise UserError(f"--dev_from_train {args.dev_from_train} leaves no {name} rows to train on "
+                                        "(every row went to dev); lower it or use more training data")
                 splits["train"] = take(train_rows, args.max_train_samples)
             splits["report"] = take(load_split(task, "validation", args.data_dir), args.max_eval_samples)
         if args.predict:
@@ -1083,7 +1125,8 @@ def main(argv=None):
     params_line = mept.parameters_line(model)  # counts the heads too, not only MEPT's prompts
     print(f"{model_name} ({family}) | method {method} | {params_line}", flush=True)
     run_config = {"model": model_name, "family": family, "method": method, "tasks": names,
-                  "heads": head_names, "mept": asdict(mept_config) if mept_config else None}
+                  "heads": head_names, "mept": asdict(mept_config) if mept_config else None,
+                  "training": training_flags(args)}
 
     # --- 4. encode every split once ---
     encoded = {name: {split: encode_rows(name, rows, family, tokenizer, budget, training=split == "train")
@@ -1162,7 +1205,8 @@ def main(argv=None):
                 elif os.path.exists(path):
                     os.remove(path)
         clock = time.time() - state["elapsed"]
-        running_loss, running_n, stop = 0.0, 0, False
+        # a resumed run that had already run out of patience stops at once, as the uninterrupted run did
+        running_loss, running_n, stop = 0.0, 0, bool(args.patience) and state["bad_evals"] >= args.patience
 
         def evaluate_and_checkpoint(epoch_label):
             """One evaluation: log line + log.jsonl, best/ if the selection score improved, then last/."""
