@@ -814,14 +814,16 @@ def save_checkpoint(model, directory, run_config, trainer_state=None):
     write_atomically(directory, write)
 
 
-RESUME_FLAGS = ("data_dir", "dev_from_train", "max_train_samples", "max_length", "optimizer", "lr", "head_lr",
+RESUME_FLAGS = ("dev_from_train", "max_train_samples", "max_length", "optimizer", "lr", "head_lr",
                 "backbone_lr", "weight_decay", "warmup_ratio", "lr_schedule", "max_grad_norm", "batch_size",
                 "gradient_accumulation_steps", "num_epochs", "max_steps", "group_by_length", "head_dropout",
                 "class_weights", "seed", "eval_steps", "patience")
 
 
 def training_flags(args):
-    """The flags a resumed run must share with the run it continues (saved in run_config.json)."""
+    """The flags a resumed run must share with the run it continues (saved in run_config.json): the
+    ones that shape the batches, the schedule or the stopping rule. Not --data_dir: the same files
+    may sit under another path."""
     return {f"--{name}": getattr(args, name) for name in RESUME_FLAGS}
 
 
