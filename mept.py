@@ -263,11 +263,15 @@ def position_limit(backbone):
 
 @torch.no_grad()
 def is_causal(backbone):
-    """Decoder-only (Llama, GPT-2, Bloom, MPT, ...) or not, from behaviour, not from names or flags:
-    change every token after the first; in a causal stack the first position's output cannot move at
-    all (its attention to later tokens is exactly zero), in any other stack it moves."""
+    """Decoder-only or not, from the model itself, never from its name. Most decoders flag their
+    self-attention as causal (Llama, GPT-2, Qwen, Mixtral, ...). The rest (Bloom, MPT) are told by
+    behaviour: change every token after the first; in a causal stack the first position's output
+    cannot move (its attention to later tokens is exactly zero), in any other stack it moves. "Cannot
+    move" allows the dtype's rounding, so a kernel that batches tokens differently still counts."""
     if getattr(backbone.config, "is_encoder_decoder", False):
         return False
+    if any(getattr(m, "is_causal", False) is True for m in find_blocks(backbone)[0].modules()):
+        return True
     runner, weight = backbone.base_model, backbone.get_input_embeddings().weight
     ids = torch.randint(0, weight.shape[0], (1, 8), generator=torch.Generator().manual_seed(0)).to(weight.device)
     other = ids.clone()
@@ -275,10 +279,11 @@ def is_causal(backbone):
     was_training = runner.training
     try:
         runner.eval()
-        first = [runner(input_ids=x, attention_mask=torch.ones_like(x))[0][:, 0].float() for x in (ids, other)]
+        out = [runner(input_ids=x, attention_mask=torch.ones_like(x))[0][0, 0] for x in (ids, other)]  # 2 x (D,)
     finally:
         runner.train(was_training)
-    return torch.equal(first[0], first[1])
+    rounding = 16 * torch.finfo(out[0].dtype).eps * out[0].float().abs().max().item()
+    return (out[0].float() - out[1].float()).abs().max().item() <= rounding
 
 
 # -----------------------------------------------------------------------------
@@ -518,9 +523,13 @@ class MEPT(nn.Module):
             if self.is_encoder_decoder:  # the prompts live in the encoder: run it here, decode from its output
                 encoder_outputs = self.backbone.get_encoder()(inputs_embeds=inputs_embeds, attention_mask=mask)
                 return self.backbone.generate(encoder_outputs=encoder_outputs, attention_mask=mask, **kwargs)
-            for length in ("max_length", "min_length"):  # counted over the input, which now holds P slots more
-                if kwargs.get(length) is not None:
-                    kwargs[length] += self.config.prompt_len
+            # max_length / min_length count the input, which now holds P slots more; wherever they are set
+            # (a keyword, a generation_config, the model's own), shift them, unless *_new_tokens decides
+            config = kwargs.get("generation_config") or self.backbone.generation_config
+            for length, new_tokens in (("max_length", "max_new_tokens"), ("min_length", "min_new_tokens")):
+                value = kwargs.get(length, getattr(config, length, None))
+                if value and kwargs.get(new_tokens, getattr(config, new_tokens, None)) is None:
+                    kwargs[length] = value + self.config.prompt_len
             return self.backbone.generate(inputs_embeds=inputs_embeds, attention_mask=mask, **kwargs)  # new tokens only
         finally:
             self._token_mask = None

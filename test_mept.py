@@ -325,6 +325,9 @@ def test_generate_from_the_cache_equals_recomputing_every_step(family):
     assert torch.equal(out.sequences[:, -4:], seq[:, -4:])
     if family != "t5":  # max_length counts the input's tokens, as for the bare backbone, not the slots
         assert model.generate(ids, mask, max_length=T + 2, do_sample=False, pad_token_id=0).shape == (2, 2)
+        from transformers import GenerationConfig  # the same when the length comes from a generation config
+        config = GenerationConfig(max_length=T + 2, do_sample=False, pad_token_id=0)
+        assert model.generate(ids, mask, generation_config=config).shape == (2, 2)
     routed = {l: r.expert_idx for l, r in model.routing.items()}
     model(ids, mask, **({"decoder_input_ids": seq[:, :1]} if family == "t5" else {}))
     assert set(routed) == set(range(N_BLOCKS)) and all(torch.equal(routed[l], model.routing[l].expert_idx) for l in routed)
@@ -374,6 +377,12 @@ def test_decoder_only_is_told_by_behaviour_bloom_included():
     bloom = BloomModel(BloomConfig(vocab_size=VOCAB, hidden_size=D, n_layer=N_BLOCKS, n_head=2)).eval()
     assert MEPT(bloom, MEPTConfig(n_experts=E, prompt_len=P, top_k=K)).slot_offset == 0, "slots lead a decoder"
     assert [mept(f).slot_offset for f in FAMILIES] == [0, 1, 1, 0, 0]
+    from transformers import MixtralConfig, MixtralModel  # routed MLPs round position 0 differently: still causal
+    for seed in range(3):
+        torch.manual_seed(seed)
+        assert mept_module.is_causal(MixtralModel(MixtralConfig(
+            vocab_size=VOCAB, hidden_size=D, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+            intermediate_size=40, num_local_experts=4, num_experts_per_tok=2)))
     from transformers import LongformerConfig, LongformerModel  # position 0 cannot see the last token: not causal
     local = LongformerModel(LongformerConfig(vocab_size=VOCAB, hidden_size=D, num_hidden_layers=1, num_attention_heads=2,
                                              intermediate_size=40, attention_window=4, max_position_embeddings=64))

@@ -400,6 +400,14 @@ def test_resume_keeps_an_early_stop_and_refuses_other_flags(tmp_path, data_dir, 
         run(tmp_path, models["encoder"], data_dir, *flags, "--resume", "--method", "head_only")
     with pytest.raises(train.UserError, match="used --batch_size 4, not 2"):
         run(tmp_path, models["encoder"], data_dir, *flags[:-2], "--resume", "--batch_size", "2", "--max_train_samples", "8")
+    config_path = os.path.join(out, "best", "run_config.json")  # as if saved when this model read as a decoder
+    with open(config_path) as f:
+        saved = json.load(f)
+    with open(config_path, "w") as f:
+        json.dump({**saved, "family": "decoder"}, f)
+    with pytest.raises(train.UserError, match="counted as family decoder, but it counts as encoder now"):
+        run(tmp_path, models["encoder"], data_dir, "--task", "cb", "--eval_only", "--checkpoint", os.path.join(out, "best"),
+            out="elsewhere")
 
 
 @pytest.mark.parametrize("kind", ["electra_small", "opt_350m"])
@@ -589,7 +597,7 @@ def test_bad_inputs_each_get_a_clear_message(tmp_path, data_dir, models):
         (["--task", "cb", "--eval_only"], "--eval_only needs --checkpoint"),
         (["--task", "cb", "--resume"], "nothing to resume"),
         (["--task", "cb", "--device", "cuda"], "--device cuda is not available"),
-        (["--task", "cb", "--lr", "-1"], "--lr must be positive, got -1"),
+        (["--task", "cb", "--lr", "-1"], "--lr must be at least 0, got -1"),
         (["--task", "cb", "--head_dropout", "1.5"], r"--head_dropout must be in \[0, 1\)"),
         (["--task", "cb", "--num_epochs", "0", "--max_steps", "0"], "nothing to train"),
         (["--task", "cb", "--output_dir", str(broken / "CB" / "train.jsonl")], "is a file, not a folder"),

@@ -823,8 +823,8 @@ RESUME_FLAGS = ("dev_from_train", "max_train_samples", "max_length", "optimizer"
 def training_flags(args):
     """The flags a resumed run must share with the run it continues (saved in run_config.json): the
     ones that shape the batches, the schedule or the stopping rule. Not --data_dir: the same files
-    may sit under another path."""
-    return {f"--{name}": getattr(args, name) for name in RESUME_FLAGS}
+    may sit under another path; not --num_epochs when --max_steps sets the length."""
+    return {f"--{name}": getattr(args, name) for name in RESUME_FLAGS if not (name == "num_epochs" and args.max_steps > 0)}
 
 
 def read_run_config(directory):
@@ -1014,10 +1014,11 @@ def main(argv=None):
             raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if not 0 <= args.dev_from_train < 1:
         raise UserError(f"--dev_from_train must be in [0, 1), got {args.dev_from_train}")
-    for flag, ok, rule in [("lr", args.lr > 0, "positive"), ("head_lr", args.head_lr is None or args.head_lr > 0, "positive"),
-                           ("backbone_lr", args.backbone_lr is None or args.backbone_lr > 0, "positive"),
-                           ("weight_decay", args.weight_decay >= 0, "at least 0"),
-                           ("warmup_ratio", 0 <= args.warmup_ratio < 1, "in [0, 1)"),
+    training_checks = [] if args.eval_only else [  # (flag, holds, rule): only what would crash or mislead
+        ("lr", args.lr >= 0, "at least 0"), ("head_lr", args.head_lr >= 0, "at least 0"),
+        ("backbone_lr", args.backbone_lr >= 0, "at least 0"), ("weight_decay", args.weight_decay >= 0, "at least 0"),
+        ("warmup_ratio", 0 <= args.warmup_ratio <= 1, "in [0, 1]")]
+    for flag, ok, rule in training_checks + [
                            ("max_grad_norm", args.max_grad_norm >= 0, "at least 0 (0 = no clipping)"),
                            ("head_dropout", 0 <= args.head_dropout < 1, "in [0, 1)"),
                            ("eval_steps", args.eval_steps >= 0, "at least 0 (0 = once per epoch)"),
@@ -1059,9 +1060,10 @@ def main(argv=None):
         prompt_len = mept_config.prompt_len if mept_config else 0
     if args.resume:  # the saved run decides; a different flag would continue some other run
         before = read_run_config(last_dir)
-        now = {"--model": args.model or "t5-base", "--method": method, "--task": names,
+        same_path = lambda m: os.path.realpath(m) if os.path.isdir(m) else m  # noqa: E731  (a folder under another path)
+        now = {"--model": same_path(args.model or "t5-base"), "--method": method, "--task": names,
                "MEPT flags": asdict(mept_config) if mept_config else None, **training_flags(args)}
-        saved = {"--model": before["model"], "--method": before["method"], "--task": before["tasks"],
+        saved = {"--model": same_path(before["model"]), "--method": before["method"], "--task": before["tasks"],
                  "MEPT flags": before["mept"], **before.get("training", {})}
         changed = [k for k in now if k in saved and saved[k] != now[k]]
         if changed:
@@ -1106,6 +1108,10 @@ def main(argv=None):
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)  # noqa: E731
     model_name = args.model or (saved_run["model"] if saved_run else "t5-base")
     backbone, tokenizer, family = load_backbone(model_name)
+    for saved, what in ((saved_run, f"checkpoint {args.checkpoint}"), (read_run_config(last_dir) if args.resume else None, out)):
+        if saved and saved.get("family") not in (None, family):  # e.g. a Bloom run from before Bloom counted as a decoder
+            raise UserError(f"{what} was trained when {model_name} counted as family {saved['family']}, but it counts as "
+                            f"{family} now, so its prompts and head would sit elsewhere; train it again")
     positions = mept.position_limit(backbone)
     if positions and args.max_length > positions:
         raise UserError(f"--max_length {args.max_length} exceeds the backbone's {positions} positions")
