@@ -365,8 +365,8 @@ class MEPT(nn.Module):
     def _block_entrances(self, embed):
         """Per routed block l > 0: (width, typical row norm) of the hidden states at its entrance,
         measured by one probe forward of the bare stack on random tokens. The probe also checks
-        that a hook can route there at all: the block must run through its module call, and its
-        input must be laid out (batch, sequence, width)."""
+        that a hook can route there at all: the block must run through its module call, once per
+        forward (not ALBERT's shared block), and its input must be laid out (batch, sequence, width)."""
         seen, shapes = {}, {}
 
         def measure(layer):
@@ -380,7 +380,9 @@ class MEPT(nn.Module):
         calls = [0] * self.n_blocks  # how often each block runs in one forward
 
         def count(i):
-            return lambda block, args: calls.__setitem__(i, calls[i] + 1)
+            def hook(block, args):
+                calls[i] += 1
+            return hook
 
         handles += [block.register_forward_pre_hook(count(i)) for i, block in enumerate(self.blocks)]
         # the bare stack (BertModel, T5Stack, LlamaModel): no head, no labels, no pad-token rules

@@ -458,7 +458,8 @@ def check_rows(task, rows, where, labelled):
                                         or not all(isinstance(e, str) for e in row["entities"])):
             raise UserError(f"{where} example {i}: ReCoRD needs a non-empty list of entity strings to choose from, "
                             f"got {row['entities']!r}")
-        if task.folder == "MultiRC" and not (isinstance(row["idx"], dict) and {"paragraph", "question", "answer"} <= set(row["idx"])):
+        multirc_idx = isinstance(row["idx"], dict) and {"paragraph", "question", "answer"} <= set(row["idx"])
+        if task.folder == "MultiRC" and not multirc_idx:
             raise UserError(f"{where} example {i}: MultiRC idx must be {{'paragraph', 'question', 'answer'}}, "
                             f"got {row['idx']!r}")
         if task.folder == "ReCoRD" and not (isinstance(row["idx"], dict) and "query" in row["idx"]):
@@ -1018,13 +1019,14 @@ def main(argv=None):
         ("lr", args.lr >= 0, "at least 0"), ("head_lr", args.head_lr >= 0, "at least 0"),
         ("backbone_lr", args.backbone_lr >= 0, "at least 0"), ("weight_decay", args.weight_decay >= 0, "at least 0"),
         ("warmup_ratio", 0 <= args.warmup_ratio <= 1, "in [0, 1]")]
-    for flag, ok, rule in training_checks + [
-                           ("max_grad_norm", args.max_grad_norm >= 0, "at least 0 (0 = no clipping)"),
-                           ("head_dropout", 0 <= args.head_dropout < 1, "in [0, 1)"),
-                           ("eval_steps", args.eval_steps >= 0, "at least 0 (0 = once per epoch)"),
-                           ("patience", args.patience >= 0, "at least 0 (0 = off)"),
-                           ("max_train_samples", args.max_train_samples >= 0, "at least 0 (0 = all)"),
-                           ("max_eval_samples", args.max_eval_samples >= 0, "at least 0 (0 = all)")]:
+    checks = training_checks + [
+        ("max_grad_norm", args.max_grad_norm >= 0, "at least 0 (0 = no clipping)"),
+        ("head_dropout", 0 <= args.head_dropout < 1, "in [0, 1)"),
+        ("eval_steps", args.eval_steps >= 0, "at least 0 (0 = once per epoch)"),
+        ("patience", args.patience >= 0, "at least 0 (0 = off)"),
+        ("max_train_samples", args.max_train_samples >= 0, "at least 0 (0 = all)"),
+        ("max_eval_samples", args.max_eval_samples >= 0, "at least 0 (0 = all)")]
+    for flag, ok, rule in checks:
         if not ok:
             raise UserError(f"--{flag} must be {rule}, got {getattr(args, flag)}")
     if not args.eval_only and args.max_steps <= 0 and args.num_epochs <= 0:
@@ -1047,6 +1049,7 @@ def main(argv=None):
         recover_checkpoint(best_dir)
     if args.resume and not os.path.isfile(os.path.join(last_dir, "trainer_state.pt")):
         raise UserError(f"nothing to resume: {last_dir} holds no checkpoint")
+    resumed_run = read_run_config(last_dir) if args.resume else None
     old_run = [f for f in ("results.json", "log.jsonl", "best") if os.path.exists(os.path.join(out, f))]
     if old_run and not (args.resume or args.overwrite_output_dir):
         raise UserError(f"{out} already holds a run ({old_run[0]}); pass --resume, --overwrite_output_dir "
@@ -1058,8 +1061,8 @@ def main(argv=None):
         method = args.method
         mept_config = mept_config_from_args(args) if method in mept.PRESETS else None
         prompt_len = mept_config.prompt_len if mept_config else 0
-    if args.resume:  # the saved run decides; a different flag would continue some other run
-        before = read_run_config(last_dir)
+    if resumed_run:  # the saved run decides; a different flag would continue some other run
+        before = resumed_run
         same_path = lambda m: os.path.realpath(m) if os.path.isdir(m) else m  # noqa: E731  (a folder under another path)
         now = {"--model": same_path(args.model or "t5-base"), "--method": method, "--task": names,
                "MEPT flags": asdict(mept_config) if mept_config else None, **training_flags(args)}
@@ -1108,7 +1111,7 @@ def main(argv=None):
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)  # noqa: E731
     model_name = args.model or (saved_run["model"] if saved_run else "t5-base")
     backbone, tokenizer, family = load_backbone(model_name)
-    for saved, what in ((saved_run, f"checkpoint {args.checkpoint}"), (read_run_config(last_dir) if args.resume else None, out)):
+    for saved, what in ((saved_run, f"checkpoint {args.checkpoint}"), (resumed_run, out)):
         if saved and saved.get("family") not in (None, family):  # e.g. a Bloom run from before Bloom counted as a decoder
             raise UserError(f"{what} was trained when {model_name} counted as family {saved['family']}, but it counts as "
                             f"{family} now, so its prompts and head would sit elsewhere; train it again")
