@@ -172,15 +172,17 @@ def gather_experts(expert_pool, expert_idx, gate):
     above all on a CPU: its small pool stays in cache and it writes only the (B, P*D) output, while
     the gather writes and rereads a (B, K, P*D) copy (2 MB at B=32, K=2, P=10, D=768), and glibc's
     malloc hands buffers that size back to the OS when freed, so the next call page-faults them in
-    again (at E=8 that doubles the forward+backward time). At E=64 dense does 64x the multiply-adds
-    and the gather wins clearly. The README quotes all of it.
+    again (at E=8 that makes the gather's time swing 2x from run to run). At E=64 dense does 64x the
+    multiply-adds and the gather wins clearly. The README quotes all of it.
     """
     n_experts, prompt_len, d_model = expert_pool.shape  # E, P, D
     batch, top_k = expert_idx.shape  # B, K
     expert_rows = expert_pool.reshape(n_experts, prompt_len * d_model)  # (E, P*D): row e = flat rows e*P ... e*P+P-1
     picked = expert_rows.index_select(0, expert_idx.reshape(-1))  # (B*K, P*D): entry b*K + k is expert idx[b, k]
     picked = picked.view(batch, top_k, prompt_len * d_model)  # (B, K, P*D)
-    weights = gate.to(picked.dtype).unsqueeze(1)  # (B, 1, K): one row of gates per example
+    weights = gate.unsqueeze(1)  # (B, 1, K): one row of gates per example
+    if weights.dtype != picked.dtype:  # the router's fp32 gates meet a half-precision pool. (Checked first:
+        weights = weights.to(picked.dtype)  # an unconditional .to() cost 7% of the E=8 forward on a CPU.)
     mixed = torch.bmm(weights, picked)  # (B, 1, K) @ (B, K, P*D) -> (B, 1, P*D): the weighted sum over k
     return mixed.view(batch, prompt_len, d_model)  # (B, P, D)
 
@@ -651,11 +653,16 @@ def time_gathers(methods, pool, idx, gate, backward, repeats, order):
     moves a method's time by up to 1.5x on a CPU, and a fixed or rotating order always gives each
     method the same neighbour."""
 
+    # the gradient a training step sends back to the mixed prompt: dense, like a slice of the
+    # hidden states' gradient. (out.sum().backward() would send a broadcast tensor of ones, whose
+    # zero strides push torch.bmm's backward onto a slow per-example copy path no training step takes.)
+    grad_out = pool.new_empty(idx.shape[0], *pool.shape[1:]).normal_() if backward else None  # (B, P, D)
+
     def timed(fn):
         start = time.perf_counter()
         out = fn(pool, idx, gate)
         if backward:
-            out.sum().backward()
+            out.backward(grad_out)
         return time.perf_counter() - start
 
     times = {name: [] for name, _ in methods}

@@ -92,6 +92,15 @@ def test_gather_handles_repeated_experts_in_a_batch():
     torch.testing.assert_close(mixed, pool[[2, 2, 0]], msg="each example must get exactly its own expert")
 
 
+def test_gather_casts_float32_gates_to_a_half_precision_pool():
+    """The router's gates are fp32; a pool cast to bf16 gets a bf16 mix, equal to the fp32 mix within rounding."""
+    pool = torch.randn(E, P, D)
+    idx, gate = torch.tensor([[2, 0], [1, 3]]), torch.rand(2, 2)
+    mixed = gather_experts(pool.bfloat16(), idx, gate)
+    assert mixed.dtype == torch.bfloat16, f"mixed prompt should take the pool's dtype, got {mixed.dtype}"
+    torch.testing.assert_close(mixed.float(), gather_experts(pool, idx, gate), atol=0.05, rtol=0.02)
+
+
 def test_top_k_equal_to_n_experts_is_the_dense_softmax_mixture():
     """With K = E nothing is dropped: the mixture is sum_e softmax(logits)_e * pool_e."""
     model = mept("bert", top_k=E, shared_expert=False)

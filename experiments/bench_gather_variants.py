@@ -36,6 +36,13 @@ def rows_bmm(pool, idx, gate):  # single rows, bmm over k
     return single_rows(pool, idx, gate, lambda g, x: torch.bmm(g.unsqueeze(1), x))
 
 
+def whole_rows_always_cast(pool, idx, gate):  # mept.py before: the same, but .to(dtype) on every call
+    E, P, D = pool.shape  # E, P, D
+    B, K = idx.shape  # B, K
+    picked = pool.reshape(E, P * D).index_select(0, idx.reshape(-1)).view(B, K, P * D)  # (B, K, P*D)
+    return torch.bmm(gate.to(picked.dtype).unsqueeze(1), picked).view(B, P, D)  # (B, P, D)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=200, help="timed calls per variant and pass")
@@ -45,7 +52,8 @@ def main():
     torch.manual_seed(0)
     order = torch.Generator().manual_seed(0)
     variants = [("mept.gather_experts (whole runs, bmm)", gather_experts), ("single rows, einsum", rows_einsum),
-                ("single rows, bmm", rows_bmm), ("dense w @ pool", dense_mixture), ("per-example loop", loop_gather)]
+                ("single rows, bmm", rows_bmm), ("whole runs, bmm, gate.to() every call", whole_rows_always_cast),
+                ("dense w @ pool", dense_mixture), ("per-example loop", loop_gather)]
     B, P, D = 32, 10, 768
     print(f"B={B} P={P} D={D}, {args.threads} thread(s), median of {args.repeats} repeats in random order")
     for E, K in [(8, 2), (64, 1)]:
@@ -60,7 +68,7 @@ def main():
             ours = med[variants[0][0]]
             print(f"\nE={E} K={K} {'forward + backward' if backward else 'forward'}")
             for name, us in med.items():
-                print(f"  {name:38s} {us:7.0f} us  {us / ours:5.2f}x mept.py's time")
+                print(f"  {name:40s} {us:7.0f} us  {us / ours:5.2f}x mept.py's time")
 
 
 if __name__ == "__main__":
