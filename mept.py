@@ -313,7 +313,8 @@ class MEPT(nn.Module):
         self.is_encoder_decoder = bool(getattr(backbone.config, "is_encoder_decoder", False))
         self.is_causal = is_causal(backbone)
         # method.md, "Where the slots sit": right after [CLS] in a bidirectional encoder whose head
-        # reads position 0; leading the sequence in seq2seq and decoder-only models
+        # reads position 0; leading the sequence in seq2seq and decoder-only models (leading each row's
+        # real tokens, that is: after any left padding, see _place_slots)
         self.slot_offset = 0 if (self.is_encoder_decoder or self.is_causal) else 1
         limit = position_limit(backbone)
         if limit is not None and config.prompt_len + self.slot_offset >= limit:
@@ -415,15 +416,37 @@ class MEPT(nn.Module):
         return seen
 
     # --- the forward pass -----------------------------------------------------
+    def _place_slots(self, attention_mask):
+        """Where this call's slots and tokens sit in the prompted (B, P+T) sequence, row by row.
+
+        Row b's P slots start at s + lead_b, lead_b being the pads before its first real token (0 when
+        padded on the right, the usual case): with left padding the slots come after the pads, so no pad
+        sits between slots and tokens, and neither positions nor an attention window (Mistral, Gemma 2)
+        nor a recurrence (Mamba) sees how much padding a row has. A token keeps its index if it comes
+        before the slots (pads, [CLS]) and moves up by P otherwise."""
+        B, T = attention_mask.shape
+        P, device = self.config.prompt_len, attention_mask.device
+        start = attention_mask.long().argmax(1, keepdim=True) + self.slot_offset  # (B, 1): lead_b + s
+        self._slot_index = start + torch.arange(P, device=device)  # (B, P): where each slot goes
+        t = torch.arange(T, device=device)  # (T,)
+        self._token_index = t + P * (t >= start)  # (B, T): where each token goes
+        # for _insert's one gather: entry j of a prompted row is entry order[b, j] of [tokens..., slots...]
+        order = torch.empty(B, P + T, dtype=torch.long, device=device)  # (B, P+T)
+        order.scatter_(1, self._token_index, t.expand(B, T))
+        self._insert_order = order.scatter_(1, self._slot_index, T + torch.arange(P, device=device).expand(B, P))
+
     def _insert(self, seq, slots):
-        """[seq[:, :s], slots, seq[:, s:]]: P slots at offset s (works for embeddings and masks)."""
-        s = self.slot_offset
-        return torch.cat([seq[:, :s], slots, seq[:, s:]], dim=1)  # (B, P+T, ...)
+        """seq (B, T, ...) and slots (B, P, ...) -> (B, P+T, ...), the slots where _place_slots put them
+        (embeddings, masks, labels, positions)."""
+        order = self._insert_order.view(*self._insert_order.shape, *[1] * (seq.dim() - 2))  # (B, P+T, 1...)
+        return torch.cat([seq, slots], dim=1).gather(1, order.expand(-1, -1, *seq.shape[2:]))  # (B, P+T, ...)
+
+    def _rows(self, index, rows):
+        """A per-row tensor of this call, for `rows` rows: generate() with beams or n samples repeats each row."""
+        return index if index.shape[0] == rows else index.repeat_interleave(rows // index.shape[0], dim=0)
 
     def _route(self, layer, hidden_tokens):
-        mask = self._token_mask  # (B, T)
-        if hidden_tokens.shape[0] != mask.shape[0]:  # generate() with beams or n samples repeats each row n times
-            mask = mask.repeat_interleave(hidden_tokens.shape[0] // mask.shape[0], dim=0)  # (B*n, T)
+        mask = self._rows(self._token_mask, hidden_tokens.shape[0])  # (B, T)
         mixed_prompt, routing = self.prompts[str(layer)](hidden_tokens, mask)  # (B, P, D_l)
         self.routing[layer] = routing
         return mixed_prompt.to(hidden_tokens.dtype)  # (B, P, D_l) in the backbone's dtype
@@ -432,17 +455,17 @@ class MEPT(nn.Module):
         """Forward pre-hook of block `layer`: route on the real tokens, write the mixture into the slots."""
         if self._token_mask is None:
             return None  # the backbone was called on its own, not through MEPT: leave it alone
-        P, s = self.config.prompt_len, self.slot_offset
         hidden = args[0] if args else kwargs["hidden_states"]  # (B, P+T, D_l), or longer: see below
-        T = self._token_mask.shape[1]
-        if hidden.shape[1] < P + T:
+        B, width = hidden.shape[0], hidden.shape[-1]
+        if hidden.shape[1] < self.config.prompt_len + self._token_mask.shape[1]:
             return None  # a cached generation step holds only new tokens; the slots are in the cache already
-        # real tokens only; a model that pads the sequence inside (Longformer, to a multiple of its
-        # attention window) hands us (B, P+T+pad, D_l), and the router must not read that padding
-        tokens = torch.cat([hidden[:, :s], hidden[:, s + P:P + T]], dim=1)  # (B, T, D_l)
-        mixed_prompt = self._route(layer, tokens)  # (B, P, D_l)
+        # the T tokens only, by index; a model that pads the sequence inside (Longformer, to a multiple
+        # of its attention window) hands us (B, P+T+pad, D_l), and that padding is never read
+        token_index = self._rows(self._token_index, B).unsqueeze(-1).expand(-1, -1, width)  # (B, T, D_l)
+        mixed_prompt = self._route(layer, hidden.gather(1, token_index))  # (B, P, D_l)
         # replace the slots, never concatenate: length, masks and T5's position bias stay valid
-        hidden = torch.cat([hidden[:, :s], mixed_prompt, hidden[:, s + P:]], dim=1)  # (B, P+T(+pad), D_l)
+        slot_index = self._rows(self._slot_index, B).unsqueeze(-1).expand(-1, -1, width)  # (B, P, D_l)
+        hidden = hidden.scatter(1, slot_index, mixed_prompt)  # (B, P+T(+pad), D_l)
         if args:
             return (hidden, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": hidden}
@@ -476,13 +499,14 @@ class MEPT(nn.Module):
         embeds = self.backbone.get_input_embeddings()(input_ids)  # (B, T, D)
         self.routing = {}
         self._token_mask = attention_mask
+        self._place_slots(attention_mask)
         inputs_embeds = self._insert(embeds, self._route(0, embeds))  # (B, P+T, D): block 0 routes on the embeddings
         mask = self._insert(attention_mask, attention_mask.new_ones(B, P))  # (B, P+T): every token may attend to the slots
         return inputs_embeds, mask
 
     def _per_token_inputs(self, kwargs, input_ids, attention_mask, mask):
         """Whatever the caller laid out per token gets an entry for each slot too."""
-        B, P, s = input_ids.shape[0], self.config.prompt_len, self.slot_offset
+        (B, T), P, s = input_ids.shape, self.config.prompt_len, self.slot_offset
         if kwargs.get("token_type_ids") is not None:
             kwargs["token_type_ids"] = self._insert(kwargs["token_type_ids"], kwargs["token_type_ids"].new_zeros(B, P))
         labels = kwargs.get("labels")
@@ -491,12 +515,12 @@ class MEPT(nn.Module):
             kwargs["labels"] = self._insert(labels, labels.new_full((B, P), -100))  # (B, P+T): slots are not scored
         positions = kwargs.get("position_ids")
         if positions is None and self.is_causal and not bool(mask.all()) and self._takes_positions:
-            # a left-padded decoder: count positions over real tokens and slots only, so the distance from a
-            # token to the slots (and so routing and output) does not depend on how much padding sits between
+            # a left-padded decoder: count positions over slots and real tokens only (the backbone would
+            # count the pads too), so no row's positions depend on how much padding it has
             kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, P+T)
         elif positions is not None:  # the slots continue from the first real token's position, the tokens move up by P
             first = positions.gather(1, attention_mask.long().argmax(1, keepdim=True))  # (B, 1): pads may hold anything
-            moved = torch.cat([positions[:, :s], positions[:, s:] + P], dim=1)  # (B, T)
+            moved = positions + (self._token_index - torch.arange(T, device=positions.device))  # (B, T): + P past the slots
             kwargs["position_ids"] = self._insert(moved, first + s + torch.arange(P, device=positions.device))  # (B, P+T)
         return kwargs
 

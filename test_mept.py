@@ -296,6 +296,38 @@ def test_left_padding_on_a_decoder_changes_neither_routing_nor_output(family):
     torch.testing.assert_close(model(pad_ids, pad_mask, position_ids=given).last_hidden_state[:, P + 4:], padded[:, P + 4:])
 
 
+def windowed_alibi_or_recurrent_decoder(kind):
+    """Decoders whose output left padding could move through more than the positions: a 4-token
+    attention window (Mistral), ALiBi distances read from the sequence (MPT), a recurrence (Mamba)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if kind == "mistral_window":
+        return tf.MistralModel(tf.MistralConfig(vocab_size=VOCAB, hidden_size=D, num_hidden_layers=N_BLOCKS,
+                                                num_attention_heads=2, num_key_value_heads=1, intermediate_size=40,
+                                                sliding_window=4, max_position_embeddings=64)).eval()
+    if kind == "mpt":
+        return tf.MptModel(tf.MptConfig(vocab_size=VOCAB, d_model=D, n_layers=N_BLOCKS, n_heads=2, expansion_ratio=2,
+                                        max_seq_len=64)).eval()
+    return tf.MambaModel(tf.MambaConfig(vocab_size=VOCAB, hidden_size=D, state_size=4, num_hidden_layers=N_BLOCKS,
+                                        intermediate_size=40, conv_kernel=3)).eval()
+
+
+@pytest.mark.parametrize("kind", ["mistral_window", "mpt", "mamba"])
+def test_left_padding_moves_nothing_in_windowed_alibi_and_recurrent_decoders(kind):
+    """Each row's slots sit right before its first real token, after the pads: a pad never sits between
+    slots and text, so no attention window, ALiBi distance or recurrence sees how much padding a row has."""
+    model = MEPT(windowed_alibi_or_recurrent_decoder(kind), MEPTConfig(n_experts=E, prompt_len=P, top_k=K)).eval()
+    ids, mask = batch(b=2, t=8)  # 8 tokens + 3 slots: longer than the 4-token window
+    plain = model(ids, mask).last_hidden_state  # (2, P+T, D)
+    plain_probs = {l: r.probs for l, r in model.routing.items()}
+    pad_ids = torch.cat([torch.zeros(2, 6, dtype=torch.long), ids], dim=1)  # (2, 6+T): 6 pads on the left
+    padded = model(pad_ids, torch.cat([torch.zeros(2, 6, dtype=torch.long), mask], dim=1)).last_hidden_state
+    for l, probs in plain_probs.items():
+        torch.testing.assert_close(model.routing[l].probs, probs, atol=1e-5, rtol=1e-4, msg=f"padding moved block {l}'s router")
+    torch.testing.assert_close(padded[:, 6:], plain, atol=1e-4, rtol=1e-4, msg="left padding moved the slots or the tokens")
+
+
 @pytest.mark.parametrize("family", ["t5", "gpt2", "llama"])
 def test_generate_from_the_cache_equals_recomputing_every_step(family):
     """generate() writes the slots once (T5's encoder, a decoder's first forward) and then decodes from
