@@ -323,6 +323,7 @@ class MEPT(nn.Module):
 
         embed = backbone.get_input_embeddings()
         entrances = self._block_entrances(embed)  # {l > 0: (width D_l, typical row norm)} of the hidden states
+        self.embed_scale = self._embedding_scale(embed)  # 1, or sqrt(D) where the backbone's forward scales
         vocab_norm = embed.weight.detach().float().norm(dim=-1).median().item()  # a typical embedding row norm
         self.prompts = nn.ModuleDict()
         for layer in self.layers:
@@ -351,7 +352,7 @@ class MEPT(nn.Module):
         vocabulary embedding; for a block l > 0 rescaled to its hidden-state scale: in a post-LN
         encoder (BERT, MiniLM) hidden rows have norm ~10-20 but embedding rows ~1, so deep experts
         would start an order of magnitude too small. Block 0's prompt is inserted as an embedding,
-        so it keeps the vocabulary's scale. Where the hidden states are wider than the embeddings
+        so it keeps the vocabulary's scale (times embed_scale, as the backbone's own tokens). Where the hidden states are wider than the embeddings
         (ELECTRA-small: 128 vs 256), vocabulary rows cannot live there: N(0, 1) rows at that scale.
         """
         if self.config.init == "random":
@@ -361,7 +362,7 @@ class MEPT(nn.Module):
         pick = torch.randint(0, vocab.shape[0], (n_rows,))  # (E*P,)
         rows = vocab.detach()[pick].float().cpu()  # (E*P, D)
         if norm is None:
-            return rows  # block 0
+            return rows * self.embed_scale  # block 0: as the backbone scales its embeddings
         return rows * (norm / vocab_norm)  # (E*P, D): rows ~ norm
 
     @torch.no_grad()
@@ -414,6 +415,37 @@ class MEPT(nn.Module):
                                  "2 inputs of 16 tokens; MEPT needs (batch, sequence, width) with the whole sequence, "
                                  "so use layers=[0] (input-only prompts) with this model.")
         return seen
+
+    @torch.no_grad()
+    def _embedding_scale(self, embed):
+        """The factor by which the backbone multiplies its token embeddings when given input_ids, but
+        not when given inputs_embeds, as MEPT gives it: sqrt(D) in Pegasus, Marian and BlenderbotSmall
+        (whose forward scales, not their embedding module), 1 elsewhere. Told by behaviour: the bare
+        stack's output from input_ids against inputs_embeds at scale 1, then sqrt(D). A backbone that
+        matches neither, or takes no inputs_embeds (FSMT), is refused."""
+        runner = self.backbone.get_encoder() if self.is_encoder_decoder else self.backbone.base_model
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, embed.weight.shape[0], (2, 16), generator=g).to(embed.weight.device)  # (2, 16)
+        pad = getattr(self.backbone.config, "pad_token_id", None)
+        if isinstance(pad, int):  # no pads: RoBERTa numbers positions from input_ids, skipping pad tokens
+            ids[ids == pad] = (pad + 1) % embed.weight.shape[0]
+        mask = torch.ones_like(ids)  # (2, 16)
+        was_training, name = runner.training, type(self.backbone).__name__
+        try:
+            runner.eval()
+            own = runner(input_ids=ids, attention_mask=mask)[0].float()  # (2, 16, D)
+            for scale in (1.0, embed.weight.shape[1] ** 0.5):
+                try:
+                    given = runner(inputs_embeds=embed(ids) * scale, attention_mask=mask)[0].float()  # (2, 16, D)
+                except TypeError as error:  # e.g. FSMT's encoder insists on input_ids
+                    raise ValueError(f"{name} takes no inputs_embeds ({error}); MEPT passes its prompts that way, "
+                                     "so it cannot prompt this model.") from None
+                if (given - own).abs().max() <= 1e-3 * own.abs().max():
+                    return scale
+        finally:
+            runner.train(was_training)
+        raise ValueError(f"{name} turns input_ids into other hidden states than their embeddings (at scale 1 or "
+                         "sqrt(width)); MEPT passes embeddings, so it cannot prompt this model faithfully.")
 
     # --- the forward pass -----------------------------------------------------
     def _place_slots(self, attention_mask):
@@ -496,7 +528,7 @@ class MEPT(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)  # (B, T)
         B, P = input_ids.shape[0], self.config.prompt_len
-        embeds = self.backbone.get_input_embeddings()(input_ids)  # (B, T, D)
+        embeds = self.backbone.get_input_embeddings()(input_ids) * self.embed_scale  # (B, T, D), as block 0 sees them
         self.routing = {}
         self._token_mask = attention_mask
         self._place_slots(attention_mask)
@@ -507,8 +539,9 @@ class MEPT(nn.Module):
     def _per_token_inputs(self, kwargs, input_ids, attention_mask, mask):
         """Whatever the caller laid out per token gets an entry for each slot too."""
         (B, T), P, s = input_ids.shape, self.config.prompt_len, self.slot_offset
-        if kwargs.get("token_type_ids") is not None:
-            kwargs["token_type_ids"] = self._insert(kwargs["token_type_ids"], kwargs["token_type_ids"].new_zeros(B, P))
+        for name in ("token_type_ids", "global_attention_mask"):  # slots: segment 0; local attention (LED)
+            if kwargs.get(name) is not None:
+                kwargs[name] = self._insert(kwargs[name], kwargs[name].new_zeros(B, P))  # (B, P+T)
         labels = kwargs.get("labels")
         if (labels is not None and not self.is_encoder_decoder and labels.shape == input_ids.shape
                 and not labels.is_floating_point()):  # token-level (LM) labels, not multi-label targets
@@ -549,7 +582,11 @@ class MEPT(nn.Module):
         try:
             inputs_embeds, mask = self._prompted(input_ids, attention_mask, kwargs)  # (B, P+T, D), (B, P+T)
             if self.is_encoder_decoder:  # the prompts live in the encoder: run it here, decode from its output
-                encoder_outputs = self.backbone.get_encoder()(inputs_embeds=inputs_embeds, attention_mask=mask)
+                encoder = self.backbone.get_encoder()
+                kwargs = self._per_token_inputs(kwargs, input_ids, self._token_mask, mask)  # widened for the slots
+                takes = inspect.signature(encoder.forward).parameters  # per-token inputs of the encoder (LED's global mask)
+                extra = {k: kwargs.pop(k) for k in ("token_type_ids", "global_attention_mask") if k in kwargs and k in takes}
+                encoder_outputs = encoder(inputs_embeds=inputs_embeds, attention_mask=mask, **extra)
                 return self.backbone.generate(encoder_outputs=encoder_outputs, attention_mask=mask, **kwargs)
             # max_length / min_length count the input, which now holds P slots more; wherever they are set
             # (a keyword, a generation_config, the model's own), shift them, unless *_new_tokens decides

@@ -328,6 +328,63 @@ def test_left_padding_moves_nothing_in_windowed_alibi_and_recurrent_decoders(kin
     torch.testing.assert_close(padded[:, 6:], plain, atol=1e-4, rtol=1e-4, msg="left padding moved the slots or the tokens")
 
 
+def bart_like(kind, **extra):
+    """A tiny encoder-decoder of the BART lineage (Pegasus, mBART, LED...), dropout off."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = getattr(tf, f"{kind}Config")(vocab_size=VOCAB, d_model=D, encoder_layers=2, decoder_layers=1,
+                                       encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=40,
+                                       decoder_ffn_dim=40, dropout=0.0, pad_token_id=1, decoder_start_token_id=2, **extra)
+    return getattr(tf, f"{kind}ForConditionalGeneration")(cfg).eval()
+
+
+@pytest.mark.parametrize("kind,scale", [("Pegasus", D ** 0.5), ("MBart", 1.0)])
+def test_tokens_enter_block_0_at_the_scale_the_backbone_gives_them(kind, scale):
+    """Pegasus (also Marian, BlenderbotSmall) multiplies embed_tokens(input_ids) by sqrt(d_model) in its
+    forward, only when given input_ids; mBART scales inside its embedding module. MEPT passes
+    inputs_embeds, so it must scale Pegasus' itself: the oracle is the bare encoder on [prompt, tokens
+    scaled by hand]."""
+    backbone = bart_like(kind, scale_embedding=True, max_position_embeddings=64)
+    model = MEPT(backbone, MEPTConfig(**PRESETS["prompt_tuning"], prompt_len=P)).eval()
+    assert model.embed_scale == pytest.approx(scale)
+    ids, mask = batch()
+    ours = model(ids, mask, decoder_input_ids=torch.full((B, 1), 2)).encoder_last_hidden_state  # (B, P+T, D)
+    prompt = model.prompts["0"].expert_pool[0].expand(B, -1, -1)  # (B, P, D): one expert, no shared one
+    tokens = backbone.get_input_embeddings()(ids) * (D ** 0.5 if kind == "Pegasus" else 1.0)  # (B, T, D)
+    oracle = model.remove().get_encoder()(inputs_embeds=torch.cat([prompt, tokens], 1),
+                                          attention_mask=torch.ones(B, P + T, dtype=torch.long)).last_hidden_state
+    torch.testing.assert_close(ours, oracle, msg="tokens entered block 0 at another scale than the backbone's own")
+
+
+def test_led_global_attention_mask_reaches_the_encoder_in_forward_and_generate():
+    """LED's per-token global_attention_mask gets 0 (local attention) for the slots, in forward and in
+    generate(), which runs the encoder itself: the first generated token is the forward's argmax."""
+    model = MEPT(bart_like("LED", attention_window=4, max_encoder_position_embeddings=64,
+                           max_decoder_position_embeddings=64), MEPTConfig(n_experts=E, prompt_len=P, top_k=K)).eval()
+    ids, mask = batch(b=2)
+    first = torch.full((2, 1), 2)  # decoder_start_token_id
+    glob = torch.zeros_like(ids)
+    glob[:, 0] = 1  # the first token attends globally
+    plain = model(ids, mask, decoder_input_ids=first).logits[:, -1]  # (2, V)
+    globl = model(ids, mask, decoder_input_ids=first, global_attention_mask=glob).logits[:, -1]  # (2, V)
+    assert not torch.allclose(plain, globl), "the global attention mask changed nothing"
+    out = model.generate(ids, mask, global_attention_mask=glob, max_new_tokens=1, do_sample=False,
+                         decoder_start_token_id=2, output_scores=True, return_dict_in_generate=True)
+    torch.testing.assert_close(out.scores[0], globl, msg="generate() lost the global attention mask")
+
+
+def test_a_backbone_that_takes_no_inputs_embeds_is_refused():
+    from transformers import FSMTConfig, FSMTForConditionalGeneration
+
+    fsmt = FSMTForConditionalGeneration(FSMTConfig(
+        langs=["en", "de"], src_vocab_size=VOCAB, tgt_vocab_size=VOCAB, d_model=D, encoder_layers=1, decoder_layers=1,
+        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=40, decoder_ffn_dim=40,
+        max_position_embeddings=64))
+    with pytest.raises(ValueError, match="takes no inputs_embeds"):
+        MEPT(fsmt, MEPTConfig(layers=[0], prompt_len=P))
+
+
 @pytest.mark.parametrize("family", ["t5", "gpt2", "llama"])
 def test_generate_from_the_cache_equals_recomputing_every_step(family):
     """generate() writes the slots once (T5's encoder, a decoder's first forward) and then decodes from
