@@ -241,6 +241,23 @@ def find_blocks(backbone):
     return max(candidates, key=lambda m: sum(p.numel() for p in m.parameters()))
 
 
+def token_embeddings(backbone):
+    """The backbone's token embedding table; a ValueError if it has none (Canine reads characters)."""
+    try:
+        embed = backbone.get_input_embeddings()
+    except NotImplementedError:
+        embed = None
+    if getattr(getattr(embed, "weight", None), "dim", lambda: 0)() != 2:
+        raise ValueError(f"{type(backbone).__name__} has no token embedding table; MEPT needs a transformer "
+                         "that embeds token ids.")
+    with torch.no_grad():
+        vectors = embed(torch.zeros(1, 1, dtype=torch.long, device=embed.weight.device))
+    if not torch.is_tensor(vectors):  # I-BERT's quantised table returns (vectors, scale)
+        raise ValueError(f"{type(backbone).__name__}'s token embedding returns a {type(vectors).__name__}, not "
+                         "vectors; MEPT needs a plain embedding table to insert its prompts next to.")
+    return embed
+
+
 def parameters_line(module):
     """PEFT's report: 'trainable params: N || all params: M || trainable%: X'."""
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
@@ -274,7 +291,7 @@ def is_causal(backbone):
         return False
     if any(getattr(m, "is_causal", False) is True for m in find_blocks(backbone)[0].modules()):
         return True
-    runner, weight = backbone.base_model, backbone.get_input_embeddings().weight
+    runner, weight = backbone.base_model, token_embeddings(backbone).weight
     ids = torch.randint(0, weight.shape[0], (1, 8), generator=torch.Generator().manual_seed(0)).to(weight.device)
     other = ids.clone()
     other[0, 1:] = (ids[0, 1:] + 1) % weight.shape[0]  # (1, 8): only the first token is the same
@@ -311,7 +328,14 @@ class MEPT(nn.Module):
         if self.layers[-1] >= self.n_blocks:
             raise ValueError(f"layers {self.layers} go beyond the model's {self.n_blocks} blocks (0..{self.n_blocks - 1}).")
         self.is_encoder_decoder = bool(getattr(backbone.config, "is_encoder_decoder", False))
-        self.is_causal = is_causal(backbone)
+        embed = token_embeddings(backbone)
+        stack = backbone.get_encoder() if self.is_encoder_decoder else backbone.base_model  # what the probes run
+        attention_type = getattr(stack, "attention_type", None)  # BigBird: "block_sparse" until a short input
+        try:
+            self.is_causal = is_causal(backbone)
+        except (RuntimeError, IndexError) as error:  # Nystromformer runs one fixed length only
+            raise ValueError(f"{type(backbone).__name__} fails on a probe input of 8 random tokens "
+                             f"({str(error).splitlines()[0]}); MEPT needs a backbone that runs on any length.") from None
         # method.md, "Where the slots sit": right after [CLS] in a bidirectional encoder whose head
         # reads position 0; leading the sequence in seq2seq and decoder-only models (leading each row's
         # real tokens, that is: after any left padding, see _place_slots)
@@ -321,9 +345,10 @@ class MEPT(nn.Module):
             raise ValueError(f"prompt_len {config.prompt_len} leaves no room for tokens within the model's "
                              f"{limit} positions; use a shorter prompt.")
 
-        embed = backbone.get_input_embeddings()
         entrances = self._block_entrances(embed)  # {l > 0: (width D_l, typical row norm)} of the hidden states
         self.embed_scale = self._embedding_scale(embed)  # 1, or sqrt(D) where the backbone's forward scales
+        if attention_type is not None and getattr(stack, "attention_type", None) != attention_type:
+            stack.set_attention_type(attention_type)  # BigBird turned to full attention for the short probes
         vocab_norm = embed.weight.detach().float().norm(dim=-1).median().item()  # a typical embedding row norm
         self.prompts = nn.ModuleDict()
         for layer in self.layers:
@@ -370,13 +395,15 @@ class MEPT(nn.Module):
         """Per routed block l > 0: (width, typical row norm) of the hidden states at its entrance,
         measured by one probe forward of the bare stack on random tokens. The probe also checks
         that a hook can route there at all: the block must run through its module call, once per
-        forward (not ALBERT's shared block), and its input must be laid out (batch, sequence, width)."""
-        seen, shapes = {}, {}
+        forward (not ALBERT's shared block), its input must be laid out (batch, sequence, width), and
+        it must be what the block before handed on (in XLM the largest list is each layer's
+        feed-forward part, whose input is not the residual stream)."""
+        seen, shapes, entering, leaving = {}, {}, {}, {}
 
         def measure(layer):
             def hook(block, args, kwargs):
                 hidden = args[0] if args else kwargs["hidden_states"]  # (2, 16, D_l)
-                shapes[layer] = tuple(hidden.shape)
+                shapes[layer], entering[layer] = tuple(hidden.shape), hidden
                 seen[layer] = (hidden.shape[-1], hidden.float().norm(dim=-1).median().item())
             return hook
 
@@ -388,7 +415,13 @@ class MEPT(nn.Module):
                 calls[i] += 1
             return hook
 
+        def handed_on(i):
+            def hook(block, args, output):
+                leaving.setdefault(i, output[0] if isinstance(output, (tuple, list)) else output)
+            return hook
+
         handles += [block.register_forward_pre_hook(count(i)) for i, block in enumerate(self.blocks)]
+        handles += [block.register_forward_hook(handed_on(i)) for i, block in enumerate(self.blocks)]
         # the bare stack (BertModel, T5Stack, LlamaModel): no head, no labels, no pad-token rules
         runner = self.backbone.get_encoder() if self.is_encoder_decoder else self.backbone.base_model
         was_training = runner.training
@@ -414,38 +447,60 @@ class MEPT(nn.Module):
                 raise ValueError(f"hidden states entering block {layer} of {name} have shape {list(shapes[layer])} for "
                                  "2 inputs of 16 tokens; MEPT needs (batch, sequence, width) with the whole sequence, "
                                  "so use layers=[0] (input-only prompts) with this model.")
+            before = leaving.get(layer - 1)
+            if not (torch.is_tensor(before) and before.shape == entering[layer].shape
+                    and torch.allclose(before.float(), entering[layer].float(), rtol=1e-4, atol=1e-6)):
+                raise ValueError(f"block {layer} of {name} does not receive what block {layer - 1} hands on (its "
+                                 f"{type(self.blocks[layer]).__name__} is part of a layer, not the whole), so a hook "
+                                 "there cannot write the slots; use layers=[0] (input-only prompts) with this model.")
         return seen
 
     @torch.no_grad()
     def _embedding_scale(self, embed):
         """The factor by which the backbone multiplies its token embeddings when given input_ids, but
         not when given inputs_embeds, as MEPT gives it: sqrt(D) in Pegasus, Marian and BlenderbotSmall
-        (whose forward scales, not their embedding module), 1 elsewhere. Told by behaviour: the bare
-        stack's output from input_ids against inputs_embeds at scale 1, then sqrt(D). A backbone that
-        matches neither, or takes no inputs_embeds (FSMT), is refused."""
+        (whose forward scales, not their embedding module), 0.88 in ESM (token dropout), 1 elsewhere.
+        Told by behaviour: the bare stack's output from input_ids against inputs_embeds at scale 1,
+        sqrt(D), and the scale that block 0's input implies (where it is affine in the embeddings).
+        A backbone that matches none, or takes no inputs_embeds (FSMT), is refused."""
         runner = self.backbone.get_encoder() if self.is_encoder_decoder else self.backbone.base_model
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(0, embed.weight.shape[0], (2, 16), generator=g).to(embed.weight.device)  # (2, 16)
         pad = getattr(self.backbone.config, "pad_token_id", None)
         if isinstance(pad, int):  # no pads: RoBERTa numbers positions from input_ids, skipping pad tokens
             ids[ids == pad] = (pad + 1) % embed.weight.shape[0]
-        mask = torch.ones_like(ids)  # (2, 16)
+        entering = []  # block 0's first input in each probe (ALBERT runs its one block many times)
+        handle = self.blocks[0].register_forward_pre_hook(
+            lambda block, args, kwargs: entering.append((args[0] if args else kwargs["hidden_states"]).float()),
+            with_kwargs=True)
         was_training, name = runner.training, type(self.backbone).__name__
+
+        def probe(**inputs):  # -> (block 0's input or None, the stack's output (2, 16, D))
+            entering.clear()
+            try:
+                out = runner(**inputs, attention_mask=torch.ones_like(ids))[0].float()
+            except TypeError as error:  # e.g. FSMT's encoder insists on input_ids
+                raise ValueError(f"{name} takes no inputs_embeds ({error}); MEPT passes its prompts that way, "
+                                 "so it cannot prompt this model.") from None
+            return (entering[0] if entering else None), out
+
         try:
             runner.eval()
-            own = runner(input_ids=ids, attention_mask=mask)[0].float()  # (2, 16, D)
-            for scale in (1.0, embed.weight.shape[1] ** 0.5):
-                try:
-                    given = runner(inputs_embeds=embed(ids) * scale, attention_mask=mask)[0].float()  # (2, 16, D)
-                except TypeError as error:  # e.g. FSMT's encoder insists on input_ids
-                    raise ValueError(f"{name} takes no inputs_embeds ({error}); MEPT passes its prompts that way, "
-                                     "so it cannot prompt this model.") from None
-                if (given - own).abs().max() <= 1e-3 * own.abs().max():
+            own_entry, own = probe(input_ids=ids)
+            one_entry, _ = probe(inputs_embeds=embed(ids))
+            two_entry, _ = probe(inputs_embeds=2 * embed(ids))
+            candidates = [1.0, embed.weight.shape[1] ** 0.5]
+            if own_entry is not None and own_entry.shape == one_entry.shape:
+                slope = two_entry - one_entry  # (2, 16, D): what the embeddings add to block 0's input, if affine
+                candidates.append(1 + ((own_entry - one_entry) * slope).sum().item() / max((slope ** 2).sum().item(), 1e-12))
+            for scale in candidates:
+                if (probe(inputs_embeds=embed(ids) * scale)[1] - own).abs().max() <= 1e-3 * own.abs().max():
                     return scale
         finally:
             runner.train(was_training)
-        raise ValueError(f"{name} turns input_ids into other hidden states than their embeddings (at scale 1 or "
-                         "sqrt(width)); MEPT passes embeddings, so it cannot prompt this model faithfully.")
+            handle.remove()
+        raise ValueError(f"{name} turns input_ids into other hidden states than any scaling of their embeddings; "
+                         "MEPT passes embeddings, so it cannot prompt this model faithfully.")
 
     # --- the forward pass -----------------------------------------------------
     def _place_slots(self, attention_mask):

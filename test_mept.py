@@ -374,6 +374,44 @@ def test_led_global_attention_mask_reaches_the_encoder_in_forward_and_generate()
     torch.testing.assert_close(out.scores[0], globl, msg="generate() lost the global attention mask")
 
 
+def unservable_backbone(kind):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=VOCAB, hidden_size=D, num_hidden_layers=2, num_attention_heads=2, intermediate_size=40)
+    if kind == "xlm":  # its layers are four parallel lists; the largest (ffns) is not the residual stream
+        return tf.XLMModel(tf.XLMConfig(vocab_size=VOCAB, emb_dim=D, n_layers=2, n_heads=2, n_langs=1))
+    if kind == "canine":  # reads characters: no token embedding table
+        return tf.CanineModel(tf.CanineConfig(hidden_size=D, num_hidden_layers=2, num_attention_heads=2,
+                                              intermediate_size=40, num_hash_buckets=64, downsampling_rate=2))
+    if kind == "nystromformer":  # runs one fixed sequence length only
+        return tf.NystromformerModel(tf.NystromformerConfig(**common, num_landmarks=4, segment_means_seq_len=16))
+    return tf.EsmModel(tf.EsmConfig(**common, pad_token_id=1, max_position_embeddings=64))  # skips positions for inputs_embeds
+
+
+@pytest.mark.parametrize("kind,problem", [("xlm", "does not receive what block 0 hands on"),
+                                          ("canine", "no token embedding table"),
+                                          ("nystromformer", "fails on a probe input"),
+                                          ("esm", "other hidden states than any scaling of their embeddings")])
+def test_backbones_mept_cannot_serve_are_refused_in_one_sentence(kind, problem):
+    """Each of these used to give a traceback or, worse (XLM, ESM), train prompts that never reached the model."""
+    with pytest.raises(ValueError, match=problem):
+        MEPT(unservable_backbone(kind), MEPTConfig(n_experts=E, prompt_len=P, top_k=K))
+
+
+def test_bigbird_keeps_its_sparse_attention_after_the_probes():
+    """BigBird turns itself to full attention for good on an input too short for its blocks, as MEPT's
+    probe inputs are; MEPT hands block-sparse attention back."""
+    from transformers import BigBirdConfig, BigBirdModel
+
+    bigbird = BigBirdModel(BigBirdConfig(vocab_size=VOCAB, hidden_size=D, num_hidden_layers=2, num_attention_heads=2,
+                                         intermediate_size=40, attention_type="block_sparse", block_size=4,
+                                         num_random_blocks=1, max_position_embeddings=256))
+    model = MEPT(bigbird, MEPTConfig(n_experts=E, prompt_len=P, top_k=K))
+    assert bigbird.attention_type == "block_sparse", "MEPT's probes left BigBird on full attention"
+    assert model.remove().attention_type == "block_sparse"
+
+
 def test_a_backbone_that_takes_no_inputs_embeds_is_refused():
     from transformers import FSMTConfig, FSMTForConditionalGeneration
 
