@@ -568,6 +568,16 @@ def test_bad_inputs_each_get_a_clear_message(tmp_path, data_dir, models):
     ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
                        image_size=8, patch_size=4)).save_pretrained(vit)
 
+    from transformers import CanineConfig, CanineModel, FSMTConfig, FSMTForConditionalGeneration
+
+    canine, fsmt = str(tmp_path / "canine"), str(tmp_path / "fsmt")  # characters; decoder inputs not from labels
+    CanineModel(CanineConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                             num_hash_buckets=64)).save_pretrained(canine)
+    FSMTForConditionalGeneration(FSMTConfig(langs=["en", "de"], src_vocab_size=40, tgt_vocab_size=40, d_model=32,
+                                            encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                                            decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                                            max_position_embeddings=64)).save_pretrained(fsmt)
+
     small = str(tmp_path / "small_vocab")  # a model whose embedding table is smaller than its tokenizer
     tokenizer, _ = tiny_tokenizer("encoder")
     from transformers import BertConfig, BertModel
@@ -589,6 +599,8 @@ def test_bad_inputs_each_get_a_clear_message(tmp_path, data_dir, models):
         (["--task", "cb", "--model", str(tmp_path / "no_model")], "model path .*no_model does not exist"),
         (["--task", "cb", "--model", "nobody/no-such-model"], "--model PATH.*--data_dir DIR"),
         (["--task", "cb", "--model", vit], "unsupported backbone"),
+        (["--task", "cb", "--model", canine], "unsupported backbone .*no token embedding table"),
+        (["--task", "cb", "--model", fsmt, "--method", "finetune"], "unsupported backbone .*fails when given labels instead of decoder inputs"),
         (["--task", "cb", "--prompt_len", "60"], "prompt_len 60 leaves no room within max_length 64"),
         (["--task", "cb", "--top_k", "5"], "impossible MEPT settings: top_k must be in 1..n_experts"),
         (["--task", "cb", "--layers", "0,7"], r"impossible MEPT settings: layers \[0, 7\] go beyond"),

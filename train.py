@@ -674,13 +674,25 @@ def load_backbone(name_or_path):
     except (OSError, ValueError) as e:
         raise UserError(f"unsupported backbone {name_or_path} ({type(config).__name__}): "
                         f"{str(e).splitlines()[0]}") from None
-    if not isinstance(backbone.get_input_embeddings(), nn.Embedding):
+    try:
+        embed = mept.token_embeddings(backbone)  # Canine (characters) has none
+        if not isinstance(embed, nn.Embedding):
+            raise ValueError("it has no token embedding table (MEPT needs a text transformer)")
+        if config.is_encoder_decoder and getattr(config, "decoder_start_token_id", None) is None:
+            raise ValueError("its config has no decoder_start_token_id")
+        # the family: seq2seq from the config; decoder-only if its blocks attend causally (mept.is_causal)
+        family = "seq2seq" if config.is_encoder_decoder else ("decoder" if mept.is_causal(backbone) else "encoder")
+        if family == "seq2seq":  # train.py passes labels only; FSMT cannot build its decoder inputs from them
+            ids = torch.arange(4, device=backbone.device).unsqueeze(0) % embed.num_embeddings  # (1, 4)
+            try:
+                with torch.no_grad():
+                    backbone.eval()(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids[:, :2])
+            except (ValueError, RuntimeError, TypeError) as e:
+                raise ValueError(f"it fails when given labels instead of decoder inputs, as train.py calls "
+                                 f"it ({str(e).splitlines()[0]})") from None
+    except (ValueError, RuntimeError, TypeError, IndexError) as e:  # e.g. a backbone that runs one length only
         raise UserError(f"unsupported backbone {name_or_path} ({type(config).__name__}): "
-                        "it has no token embedding table (MEPT needs a text transformer)")
-    if config.is_encoder_decoder and getattr(config, "decoder_start_token_id", None) is None:
-        raise UserError(f"unsupported backbone {name_or_path}: its config has no decoder_start_token_id")
-    # the family: seq2seq from the config; decoder-only if its blocks attend causally (mept.is_causal)
-    family = "seq2seq" if config.is_encoder_decoder else ("decoder" if mept.is_causal(backbone) else "encoder")
+                        f"{str(e).splitlines()[0]}") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as e:
@@ -839,10 +851,10 @@ def read_run_config(directory):
 @torch.no_grad()
 def output_width(backbone):
     """Width of last_hidden_state, what a head reads: hidden_size, except where a model projects its
-    output back down (OPT-350m: 1024 -> 512). A probe forward of two tokens, in eval mode (no dropout,
-    so the seeded random stream is untouched), tells."""
+    output back down (OPT-350m: 1024 -> 512). A probe forward of 16 tokens (Funnel pools shorter ones
+    away), in eval mode (no dropout, so the seeded random stream is untouched), tells."""
     was_training = backbone.training
-    ids = torch.tensor([[0, 1]], device=backbone.device)  # (1, 2)
+    ids = torch.arange(16, device=backbone.device).unsqueeze(0) % backbone.get_input_embeddings().num_embeddings  # (1, 16)
     try:
         backbone.eval()
         return backbone(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state.shape[-1]
