@@ -265,6 +265,15 @@ def parameters_line(module):
     return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
 
 
+def position_pad(backbone):
+    """The pad id of a RoBERTa-style position table (RoBERTa, XLM-R, Longformer), or None: given
+    input_ids these models number real tokens from pad + 1 and give pads the pad position."""
+    for name, module in backbone.named_modules():
+        if name.endswith("position_embeddings") and isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            return module.padding_idx
+    return None
+
+
 def position_limit(backbone):
     """How many positions (prompt slots included) the backbone's position table can number, or None.
     RoBERTa-style tables start counting after the pad id (roberta-base: 512 of 514); T5's relative
@@ -274,10 +283,8 @@ def position_limit(backbone):
         None if getattr(config, "is_encoder_decoder", False) else getattr(config, "n_positions", None))
     if not isinstance(limit, int) or limit <= 0:  # XLNet: -1, unbounded
         return None
-    for name, module in backbone.named_modules():
-        if name.endswith("position_embeddings") and isinstance(module, nn.Embedding) and module.padding_idx is not None:
-            return limit - (module.padding_idx + 1)
-    return limit
+    pad = position_pad(backbone)
+    return limit if pad is None else limit - (pad + 1)
 
 
 @torch.no_grad()
@@ -366,6 +373,7 @@ class MEPT(nn.Module):
         self._token_mask = None  # (B, T) real-token mask of the forward pass in progress
         # alibi models (Bloom, MPT) take no position_ids; the rest get positions that skip left padding
         self._takes_positions = "position_ids" in inspect.signature(backbone.forward).parameters
+        self._position_pad = position_pad(backbone)  # RoBERTa: positions count from pad + 1, skipping pads
         self.routing, self.aux_loss = {}, torch.zeros(())
 
     # --- initialisation ------------------------------------------------------
@@ -591,21 +599,30 @@ class MEPT(nn.Module):
         mask = self._insert(attention_mask, attention_mask.new_ones(B, P))  # (B, P+T): every token may attend to the slots
         return inputs_embeds, mask
 
+    def _per_token_masks(self, kwargs, B):
+        """Segment ids and LED's global attention mask: 0 for the slots (segment 0; local attention)."""
+        for name in ("token_type_ids", "global_attention_mask"):
+            if kwargs.get(name) is not None:
+                kwargs[name] = self._insert(kwargs[name], kwargs[name].new_zeros(B, self.config.prompt_len))  # (B, P+T)
+        return kwargs
+
     def _per_token_inputs(self, kwargs, input_ids, attention_mask, mask):
         """Whatever the caller laid out per token gets an entry for each slot too."""
         (B, T), P, s = input_ids.shape, self.config.prompt_len, self.slot_offset
-        for name in ("token_type_ids", "global_attention_mask"):  # slots: segment 0; local attention (LED)
-            if kwargs.get(name) is not None:
-                kwargs[name] = self._insert(kwargs[name], kwargs[name].new_zeros(B, P))  # (B, P+T)
+        kwargs = self._per_token_masks(kwargs, B)
         labels = kwargs.get("labels")
         if (labels is not None and not self.is_encoder_decoder and labels.shape == input_ids.shape
                 and not labels.is_floating_point()):  # token-level (LM) labels, not multi-label targets
             kwargs["labels"] = self._insert(labels, labels.new_full((B, P), -100))  # (B, P+T): slots are not scored
         positions = kwargs.get("position_ids")
-        if positions is None and self.is_causal and not bool(mask.all()) and self._takes_positions:
-            # a left-padded decoder: count positions over slots and real tokens only (the backbone would
-            # count the pads too), so no row's positions depend on how much padding it has
+        if positions is None and not bool(mask.all()) and self._takes_positions and self.is_causal:
+            # a left-padded decoder: count positions over slots and real tokens only (given inputs_embeds
+            # the backbone would count the pads too), so no row's positions depend on its padding
             kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, P+T)
+        elif positions is None and not bool(mask.all()) and self._takes_positions and self._position_pad is not None:
+            # RoBERTa numbers input_ids from pad + 1 skipping pads, but inputs_embeds straight through, pads
+            # included: number them as it numbers input_ids, the slots counted as tokens
+            kwargs["position_ids"] = mask.long().cumsum(-1) * mask + self._position_pad  # (B, P+T)
         elif positions is not None:  # the slots continue from the first real token's position, the tokens move up by P
             first = positions.gather(1, attention_mask.long().argmax(1, keepdim=True))  # (B, 1): pads may hold anything
             moved = positions + (self._token_index - torch.arange(T, device=positions.device))  # (B, T): + P past the slots
@@ -650,6 +667,7 @@ class MEPT(nn.Module):
                 value = kwargs.get(length, getattr(config, length, None))
                 if value and kwargs.get(new_tokens, getattr(config, new_tokens, None)) is None:
                     kwargs[length] = value + self.config.prompt_len
+            kwargs = self._per_token_masks(kwargs, input_ids.shape[0])  # GPT-2's segment ids (positions: generate's own)
             return self.backbone.generate(inputs_embeds=inputs_embeds, attention_mask=mask, **kwargs)  # new tokens only
         finally:
             self._token_mask = None

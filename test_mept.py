@@ -296,6 +296,34 @@ def test_left_padding_on_a_decoder_changes_neither_routing_nor_output(family):
     torch.testing.assert_close(model(pad_ids, pad_mask, position_ids=given).last_hidden_state[:, P + 4:], padded[:, P + 4:])
 
 
+def test_left_padding_moves_nothing_in_a_roberta_style_encoder():
+    """RoBERTa numbers input_ids from pad + 1 skipping pads, inputs_embeds straight through: MEPT numbers
+    its prompted rows the input_ids way, so a left-padded row's [CLS] and routing are the unpadded row's."""
+    model = mept("roberta")
+    ids, mask = batch(b=2)
+    plain = model(ids, mask).last_hidden_state[:, 0]  # (2, D): [CLS]
+    plain_probs = {l: r.probs for l, r in model.routing.items()}
+    pads = torch.ones(2, 3, dtype=torch.long)  # RoBERTa's pad id is 1
+    padded = model(torch.cat([pads, ids], 1), torch.cat([pads * 0, mask], 1)).last_hidden_state[:, 3]  # (2, D)
+    torch.testing.assert_close(padded, plain, atol=1e-5, rtol=1e-4, msg="left padding moved RoBERTa's [CLS]")
+    for l, probs in plain_probs.items():
+        torch.testing.assert_close(model.routing[l].probs, probs, atol=1e-5, rtol=1e-4, msg=f"padding moved block {l}'s router")
+
+
+def test_generate_passes_segment_ids_with_an_entry_per_slot():
+    """GPT-2 takes token_type_ids; generate() widens them for the slots as forward() does."""
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    lm = GPT2LMHeadModel(tiny_backbone("gpt2").config).eval()
+    model = MEPT(lm, MEPTConfig(n_experts=E, prompt_len=P, top_k=K)).eval()
+    ids, mask = batch(b=2)
+    segments = torch.ones_like(ids)
+    first = model(ids, mask, token_type_ids=segments).logits[:, -1].argmax(-1)  # (2,)
+    new = model.generate(ids, mask, token_type_ids=segments, max_new_tokens=1, do_sample=False, pad_token_id=0)
+    assert torch.equal(new[:, -1], first), "generate() with segment ids disagrees with forward()"
+
+
 def windowed_alibi_or_recurrent_decoder(kind):
     """Decoders whose output left padding could move through more than the positions: a 4-token
     attention window (Mistral), ALiBi distances read from the sequence (MPT), a recurrence (Mamba)."""
