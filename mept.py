@@ -336,7 +336,7 @@ class MEPT(nn.Module):
             raise ValueError(f"layers {self.layers} go beyond the model's {self.n_blocks} blocks (0..{self.n_blocks - 1}).")
         self.is_encoder_decoder = bool(getattr(backbone.config, "is_encoder_decoder", False))
         embed = token_embeddings(backbone)
-        stack = backbone.get_encoder() if self.is_encoder_decoder else backbone.base_model  # what the probes run
+        stack = self._probe_stack()
         attention_type = getattr(stack, "attention_type", None)  # BigBird: "block_sparse" until a short input
         try:
             self.is_causal = is_causal(backbone)
@@ -385,8 +385,9 @@ class MEPT(nn.Module):
         vocabulary embedding; for a block l > 0 rescaled to its hidden-state scale: in a post-LN
         encoder (BERT, MiniLM) hidden rows have norm ~10-20 but embedding rows ~1, so deep experts
         would start an order of magnitude too small. Block 0's prompt is inserted as an embedding,
-        so it keeps the vocabulary's scale (times embed_scale, as the backbone's own tokens). Where the hidden states are wider than the embeddings
-        (ELECTRA-small: 128 vs 256), vocabulary rows cannot live there: N(0, 1) rows at that scale.
+        so it keeps the vocabulary's scale (times embed_scale, like the backbone's own tokens). Where
+        the hidden states are wider than the embeddings (ELECTRA-small: 128 vs 256), vocabulary rows
+        cannot live there: N(0, 1) rows at that scale.
         """
         if self.config.init == "random":
             return torch.randn(n_rows, width)  # (E*P, D_l)
@@ -397,6 +398,16 @@ class MEPT(nn.Module):
         if norm is None:
             return rows * self.embed_scale  # block 0: as the backbone scales its embeddings
         return rows * (norm / vocab_norm)  # (E*P, D): rows ~ norm
+
+    def _probe_stack(self):
+        """What the probes run: the bare stack (BertModel, T5Stack, LlamaModel), no head, no labels."""
+        return self.backbone.get_encoder() if self.is_encoder_decoder else self.backbone.base_model
+
+    @staticmethod
+    def _probe_ids(embed):
+        """The probes' input: 2 rows of 16 random token ids, the same every time."""
+        g = torch.Generator().manual_seed(0)
+        return torch.randint(0, embed.weight.shape[0], (2, 16), generator=g).to(embed.weight.device)  # (2, 16)
 
     @torch.no_grad()
     def _block_entrances(self, embed):
@@ -430,11 +441,8 @@ class MEPT(nn.Module):
 
         handles += [block.register_forward_pre_hook(count(i)) for i, block in enumerate(self.blocks)]
         handles += [block.register_forward_hook(handed_on(i)) for i, block in enumerate(self.blocks)]
-        # the bare stack (BertModel, T5Stack, LlamaModel): no head, no labels, no pad-token rules
-        runner = self.backbone.get_encoder() if self.is_encoder_decoder else self.backbone.base_model
+        runner, ids = self._probe_stack(), self._probe_ids(embed)  # (2, 16)
         was_training = runner.training
-        g = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, embed.weight.shape[0], (2, 16), generator=g).to(embed.weight.device)  # (2, 16)
         try:
             runner.eval()
             runner(input_ids=ids, attention_mask=torch.ones_like(ids))
@@ -471,12 +479,12 @@ class MEPT(nn.Module):
         Told by behaviour: the bare stack's output from input_ids against inputs_embeds at scale 1,
         sqrt(D), and the scale that block 0's input implies (where it is affine in the embeddings).
         A backbone that matches none, or takes no inputs_embeds (FSMT), is refused."""
-        runner = self.backbone.get_encoder() if self.is_encoder_decoder else self.backbone.base_model
-        g = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, embed.weight.shape[0], (2, 16), generator=g).to(embed.weight.device)  # (2, 16)
-        pad = getattr(self.backbone.config, "pad_token_id", None)
-        if isinstance(pad, int):  # no pads: RoBERTa numbers positions from input_ids, skipping pad tokens
-            ids[ids == pad] = (pad + 1) % embed.weight.shape[0]
+        runner, ids = self._probe_stack(), self._probe_ids(embed)  # (2, 16)
+        for token in ("pad_token_id", "mask_token_id"):  # no pads (RoBERTa numbers positions skipping them),
+            special = getattr(self.backbone.config, token, None)  # no mask tokens (ESM's token dropout zeroes them)
+            if isinstance(special, int):
+                ids[ids == special] = (special + 1) % embed.weight.shape[0]
+        vectors = embed(ids)  # (2, 16, D)
         entering = []  # block 0's first input in each probe (ALBERT runs its one block many times)
         handle = self.blocks[0].register_forward_pre_hook(
             lambda block, args, kwargs: entering.append((args[0] if args else kwargs["hidden_states"]).float()),
@@ -495,14 +503,20 @@ class MEPT(nn.Module):
         try:
             runner.eval()
             own_entry, own = probe(input_ids=ids)
-            one_entry, _ = probe(inputs_embeds=embed(ids))
-            two_entry, _ = probe(inputs_embeds=2 * embed(ids))
-            candidates = [1.0, embed.weight.shape[1] ** 0.5]
+
+            def matches(out):  # the stack's output from input_ids, up to rounding
+                return (out - own).abs().max() <= 1e-3 * own.abs().max()
+
+            one_entry, one = probe(inputs_embeds=vectors)
+            if matches(one):
+                return 1.0
+            root = embed.weight.shape[1] ** 0.5
+            if matches(probe(inputs_embeds=vectors * root)[1]):
+                return root
             if own_entry is not None and own_entry.shape == one_entry.shape:
-                slope = two_entry - one_entry  # (2, 16, D): what the embeddings add to block 0's input, if affine
-                candidates.append(1 + ((own_entry - one_entry) * slope).sum().item() / max((slope ** 2).sum().item(), 1e-12))
-            for scale in candidates:
-                if (probe(inputs_embeds=embed(ids) * scale)[1] - own).abs().max() <= 1e-3 * own.abs().max():
+                slope = probe(inputs_embeds=2 * vectors)[0] - one_entry  # (2, 16, D): the embeddings' share, if affine
+                scale = 1 + ((own_entry - one_entry) * slope).sum().item() / max((slope ** 2).sum().item(), 1e-12)
+                if matches(probe(inputs_embeds=vectors * scale)[1]):
                     return scale
         finally:
             runner.train(was_training)
@@ -591,7 +605,9 @@ class MEPT(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)  # (B, T)
         B, P = input_ids.shape[0], self.config.prompt_len
-        embeds = self.backbone.get_input_embeddings()(input_ids) * self.embed_scale  # (B, T, D), as block 0 sees them
+        embeds = self.backbone.get_input_embeddings()(input_ids)  # (B, T, D)
+        if self.embed_scale != 1.0:  # Pegasus, Marian: tokens as the backbone's forward would scale them
+            embeds = embeds * self.embed_scale
         self.routing = {}
         self._token_mask = attention_mask
         self._place_slots(attention_mask)
@@ -615,18 +631,20 @@ class MEPT(nn.Module):
                 and not labels.is_floating_point()):  # token-level (LM) labels, not multi-label targets
             kwargs["labels"] = self._insert(labels, labels.new_full((B, P), -100))  # (B, P+T): slots are not scored
         positions = kwargs.get("position_ids")
-        if positions is None and not bool(mask.all()) and self._takes_positions and self.is_causal:
-            # a left-padded decoder: count positions over slots and real tokens only (given inputs_embeds
-            # the backbone would count the pads too), so no row's positions depend on its padding
-            kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, P+T)
-        elif positions is None and not bool(mask.all()) and self._takes_positions and self._position_pad is not None:
-            # RoBERTa numbers input_ids from pad + 1 skipping pads, but inputs_embeds straight through, pads
-            # included: number them as it numbers input_ids, the slots counted as tokens
-            kwargs["position_ids"] = mask.long().cumsum(-1) * mask + self._position_pad  # (B, P+T)
-        elif positions is not None:  # the slots continue from the first real token's position, the tokens move up by P
+        if positions is not None:  # the slots continue from the first real token's position, the tokens move up by P
             first = positions.gather(1, attention_mask.long().argmax(1, keepdim=True))  # (B, 1): pads may hold anything
             moved = positions + (self._token_index - torch.arange(T, device=positions.device))  # (B, T): + P past the slots
             kwargs["position_ids"] = self._insert(moved, first + s + torch.arange(P, device=positions.device))  # (B, P+T)
+        elif self._takes_positions and not bool(mask.all()):  # padded, and we may number the positions ourselves
+            counted = mask.long().cumsum(-1)  # (B, P+T): 1, 2, ... over slots and real tokens
+            if self.is_causal:
+                # a left-padded decoder: given inputs_embeds the backbone would count the pads too, so
+                # every row's positions would depend on its padding
+                kwargs["position_ids"] = (counted - 1).clamp(min=0)  # (B, P+T)
+            elif self._position_pad is not None:
+                # RoBERTa numbers input_ids from pad + 1 skipping pads, but inputs_embeds straight through,
+                # pads included: number them as it numbers input_ids, the slots counted as tokens
+                kwargs["position_ids"] = counted * mask + self._position_pad  # (B, P+T)
         return kwargs
 
     def forward(self, input_ids, attention_mask=None, **kwargs):
@@ -657,7 +675,8 @@ class MEPT(nn.Module):
                 encoder = self.backbone.get_encoder()
                 kwargs = self._per_token_inputs(kwargs, input_ids, self._token_mask, mask)  # widened for the slots
                 takes = inspect.signature(encoder.forward).parameters  # per-token inputs of the encoder (LED's global mask)
-                extra = {k: kwargs.pop(k) for k in ("token_type_ids", "global_attention_mask") if k in kwargs and k in takes}
+                extra = {k: kwargs.pop(k) for k in ("token_type_ids", "global_attention_mask")
+                         if k in kwargs and k in takes}
                 encoder_outputs = encoder(inputs_embeds=inputs_embeds, attention_mask=mask, **extra)
                 return self.backbone.generate(encoder_outputs=encoder_outputs, attention_mask=mask, **kwargs)
             # max_length / min_length count the input, which now holds P slots more; wherever they are set

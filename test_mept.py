@@ -385,6 +385,18 @@ def test_tokens_enter_block_0_at_the_scale_the_backbone_gives_them(kind, scale):
     torch.testing.assert_close(ours, oracle, msg="tokens entered block 0 at another scale than the backbone's own")
 
 
+def test_a_scale_the_backbone_applies_only_to_input_ids_is_read_from_block_0():
+    """ESM's token dropout multiplies input_ids' embeddings by 0.88 (no mask tokens); not sqrt(D), not 1."""
+    from transformers import EsmConfig, EsmModel
+
+    torch.manual_seed(0)
+    esm = EsmModel(EsmConfig(vocab_size=VOCAB, hidden_size=D, num_hidden_layers=2, num_attention_heads=2,
+                             intermediate_size=40, pad_token_id=1, mask_token_id=3, token_dropout=True,
+                             position_embedding_type="rotary", max_position_embeddings=64)).eval()
+    model = MEPT(esm, MEPTConfig(n_experts=E, prompt_len=P, top_k=K))
+    assert model.embed_scale == pytest.approx(1 - 0.15 * 0.8, abs=1e-4)
+
+
 def test_led_global_attention_mask_reaches_the_encoder_in_forward_and_generate():
     """LED's per-token global_attention_mask gets 0 (local attention) for the slots, in forward and in
     generate(), which runs the encoder itself: the first generated token is the forward's argmax."""
