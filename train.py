@@ -691,8 +691,10 @@ def load_backbone(name_or_path):
                 raise ValueError(f"it fails when given labels instead of decoder inputs, as train.py calls "
                                  f"it ({str(e).splitlines()[0]})") from None
     except (ValueError, RuntimeError, TypeError, IndexError) as e:  # e.g. a backbone that runs one length only
-        raise UserError(f"unsupported backbone {name_or_path} ({type(config).__name__}): "
-                        f"{str(e).splitlines()[0]}") from None
+        why = str(e).splitlines()[0]
+        if not isinstance(e, ValueError):  # a crash inside the model, not one of our sentences
+            why = f"it fails on a short probe input of random tokens ({why}); train.py needs any input length"
+        raise UserError(f"unsupported backbone {name_or_path} ({type(config).__name__}): {why}") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as e:
