@@ -5,23 +5,22 @@ Train and evaluate MEPT (and the paper's baselines) on SuperGLUE, in one file re
     python train.py --task cb
 
     # a 30-second CPU smoke run: a local encoder, the official SuperGLUE files, a few steps
-    python train.py --task cb --model path/to/all-MiniLM-L6-v2 --data_dir ../shared/superglue \
+    python train.py --task cb --model path/to/all-MiniLM-L6-v2 --data_dir ../shared/superglue \\
         --max_train_samples 64 --max_eval_samples 32 --max_steps 8 --output_dir /tmp/smoke
 
     # a baseline on RTE, then the AX-b diagnostic evaluated with the RTE checkpoint
     python train.py --task rte --method deep_prompt --output_dir out/rte_deep
     python train.py --task axb --eval_only --checkpoint out/rte_deep/best --output_dir out/axb
 
-Reading order: command line -> metrics -> the TASKS table (how every task is cast) -> data
-(both the official zip layout and Hub rows, normalised to one schema) -> encoding and batches ->
-the model (frozen backbone + MEPT + a task head) -> checkpoints -> evaluation -> main (the loop).
-
-Three backbone families, told apart by the loaded model, never by its name:
-  seq2seq (T5):   text-to-text inputs; predictions by rank classification over label words
+Reading order: the command line -> metrics -> the TASKS table (how each task is cast) -> data -> batches
+-> the model (backbone + MEPT + a head) -> checkpoints -> evaluation -> the recipe's five steps -> main().
+Three backbone families, told apart by mept.backbone_family (never by the model's name):
+  seq2seq (T5):   text-to-text inputs; predictions by rank classification over the label words
                   (ReCoRD: over the candidate entities), never free generation.
-  encoder (BERT): a classification head on the [CLS] output; COPA and ReCoRD score each
-                  candidate with one logit and take the argmax per question.
-  decoder (GPT):  the same heads, reading the last real token (right padding, index explicit).
+  encoder (BERT): a linear head on [CLS]; COPA and ReCoRD score each candidate with one logit.
+  decoder (GPT):  the same heads, on the last real token.
+Protocol: the epoch is chosen on a per-label 10% slice of train (--dev_from_train 0.1) and the official
+validation split is reported at that epoch, as the official MEPT and SMoP code do.
 """
 
 import argparse
@@ -42,7 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, load_model, save_file, save_model
-from tqdm import tqdm  # a console bar; train.main() run from a notebook shows none (disable=None)
+from tqdm import tqdm
 from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM, AutoTokenizer, set_seed
 from transformers.optimization import Adafactor
 from transformers.utils import logging as hf_logging
@@ -50,298 +49,236 @@ from transformers.utils import logging as hf_logging
 import mept
 
 # -----------------------------------------------------------------------------
-# Command line. Every flag has help text; `--help` prints every default.
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Prints '(default: X)' after every flag, except the ones whose default is spelled out."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
-def build_parser():
-    p = argparse.ArgumentParser(description="Train and evaluate MEPT on SuperGLUE.", formatter_class=HelpFormatter)
-
-    # --- task and data ---
-    p.add_argument("--task", default="cb", help=f"one of {', '.join(sorted(TASKS))}, or a comma list for mixed "
-                   "multi-task training (e.g. cb,rte,copa); axb/axg need --eval_only with an RTE checkpoint")
-    p.add_argument("--data_dir", default=os.environ.get("SUPERGLUE_DIR"),
-                   help="folder in the official SuperGLUE zip layout (<Task>/{train,val,test}.jsonl, "
-                   "AX-b/AX-b.jsonl, AX-g/AX-g.jsonl); if unset, the data come from the Hub (aps/super_glue). "
-                   "Default: the SUPERGLUE_DIR environment variable")
-    p.add_argument("--dev_from_train", type=float, default=0.0,
-                   help="hold out this share of train (per label) to select the best epoch; the official "
-                   "validation split is then reported at that epoch. 0 = select on validation (the paper's protocol)")
-    p.add_argument("--max_train_samples", type=int, default=0, help="use only the first N train rows (0 = all)")
-    p.add_argument("--max_eval_samples", type=int, default=0, help="use only the first N rows of each eval split (0 = all)")
-    p.add_argument("--max_length", type=int, default=256,
-                   help="tokens the backbone sees, prompt slots included; the passage is truncated, never the question")
-
-    # --- backbone and method ---
-    p.add_argument("--model", default=None,
-                   help="Hub id or local folder (default: t5-base, the paper's; with --checkpoint, the model it was "
-                   "trained on). CAVEAT: t5-base/t5-large were pre-trained on a mixture containing every SuperGLUE "
-                   "task in this very text format, so their scores are inflated; google/t5-v1_1-base is the clean choice")
-    p.add_argument("--method", default="mept", choices=sorted(mept.PRESETS) + ["finetune", "head_only"],
-                   help="mept / deep_prompt / smop / prompt_tuning are MEPT presets (the task head trains too, where "
-                   "the family needs one); head_only: frozen backbone + head (linear probe); finetune: everything trains")
-
-    # --- MEPT configuration: every MEPTConfig field (unset = the --method preset's value) ---
-    p.add_argument("--n_experts", type=int, default=None, help="E, experts per layer (default: preset; mept 4)")
-    p.add_argument("--prompt_len", type=int, default=None, help="P, prompt slots (default: MEPTConfig, 10)")
-    p.add_argument("--top_k", type=int, default=None, help="K, experts mixed per input and layer (default: preset; 1)")
-    p.add_argument("--layers", default=None, help="blocks that route: 'all' or a comma list that includes 0 "
-                   "(default: preset; mept all, smop/prompt_tuning 0)")
-    p.add_argument("--router_noise", type=float, default=None,
-                   help="sigma of the multiplicative router noise during training, 0 = off (default: 1.0)")
-    p.add_argument("--shared_expert", action=argparse.BooleanOptionalAction, default=None,
-                   help="add an always-on shared expert (default: preset; on for mept)")
-    p.add_argument("--balance_coef", type=float, default=None,
-                   help="weight of the load-balancing loss against routing collapse (default: 0.0, off)")
-    p.add_argument("--init", choices=["vocab", "random"], default=None,
-                   help="expert init: sampled vocabulary rows or N(0, 1) (default: vocab)")
-
-    # --- optimisation ---
-    p.add_argument("--optimizer", choices=["adamw", "adafactor"], default="adamw",
-                   help="AdamW, or Adafactor with an external schedule (the T5 prompt-tuning habit)")
-    p.add_argument("--lr", type=float, default=1e-2, help="learning rate of prompts and routers; soft prompts need "
-                   "10-1000x the fine-tuning rate (Lester et al. use 0.3 with Adafactor on T5)")
-    p.add_argument("--head_lr", type=float, default=1e-3, help="learning rate of the task head")
-    p.add_argument("--backbone_lr", type=float, default=2e-5, help="learning rate of the backbone (finetune only)")
-    p.add_argument("--weight_decay", type=float, default=1e-5, help="decoupled weight decay")
-    p.add_argument("--warmup_ratio", type=float, default=0.06, help="share of the steps with linear warmup")
-    p.add_argument("--lr_schedule", choices=["linear", "constant"], default="linear",
-                   help="after warmup: linear decay to 0, or constant")
-    p.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping (AdamW only; 0 = off)")
-    p.add_argument("--batch_size", type=int, default=16, help="training examples (rows) per batch")
-    p.add_argument("--eval_batch_size", type=int, default=32, help="rows per evaluation batch")
-    p.add_argument("--gradient_accumulation_steps", type=int, default=1, help="batches per optimizer step")
-    p.add_argument("--num_epochs", type=int, default=25, help="passes over the training set")
-    p.add_argument("--max_steps", type=int, default=0, help="stop after this many optimizer steps (0 = use --num_epochs)")
-    p.add_argument("--group_by_length", action=argparse.BooleanOptionalAction, default=True,
-                   help="batch rows of similar length together (less padding, faster)")
-    p.add_argument("--head_dropout", type=float, default=0.1, help="dropout inside the task head")
-    p.add_argument("--class_weights", choices=["none", "balanced"], default="none",
-                   help="balanced: weight each class's cross-entropy by n / (n_classes * its train count), so a "
-                   "rare class (CB's neutral, 16 of 250) counts as much as a common one; for classification heads "
-                   "(encoder/decoder backbones), not for tasks that pick a candidate (COPA, ReCoRD)")
-    p.add_argument("--seed", type=int, default=42, help="seeds data order, init, dropout and router noise")
-
-    # --- evaluation, checkpoints, outputs ---
-    p.add_argument("--eval_steps", type=int, default=0, help="evaluate every N optimizer steps (0 = every epoch)")
-    p.add_argument("--patience", type=int, default=0, help="stop after N evaluations without improvement (0 = off)")
-    p.add_argument("--output_dir", default=None, help="where best/, last/, log.jsonl and results.json go "
-                   "(default: out/<task>_<method>)")
-    p.add_argument("--overwrite_output_dir", action="store_true", help="allow a new run in a folder holding an old one")
-    p.add_argument("--resume", action="store_true", help="continue from <output_dir>/last; equals an uninterrupted run on CPU")
-    p.add_argument("--eval_only", action="store_true", help="no training: evaluate --checkpoint")
-    p.add_argument("--checkpoint", default=None, help="a best/ (or last/) folder to evaluate with --eval_only")
-    p.add_argument("--predict", action="store_true",
-                   help="write <Task>.jsonl (CB.jsonl, AX-b.jsonl, ...: the SuperGLUE leaderboard's file names and "
-                        "format) with predictions for the test split")
-
-    # --- hardware ---
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="bf16 autocast (trainable weights stay fp32); auto = bf16 on a CUDA GPU that supports it")
-    return p
+# The command line: help on every flag, and every default in --help
 
 
 class UserError(Exception):
-    """Bad input: main() raises it, the command line prints one line and exits with status 2."""
+    """Bad input: the command line prints it as one line, `error: ...`, and exits with status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own complaint, as our one line instead of usage + message
+        raise UserError(message)
+
+
+def number(kind, low, high=math.inf, high_open=False):
+    """An argparse type: a number in [low, high] (or [low, high)), refused in one sentence otherwise."""
+    def parse(text):
+        value = kind(text)
+        if not (low <= value < high if high_open else low <= value <= high):
+            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}{')' if high_open else ']'}, got {text}"
+                                             if high < math.inf else f"must be at least {low}, got {text}")
+        return value
+    return parse
+
+
+def build_parser():
+    p, count, rate = Parser(formatter_class=argparse.ArgumentDefaultsHelpFormatter), number(int, 0), number(float, 0)
+    p.description = "Train and evaluate MEPT on SuperGLUE."
+    # --- task and data ---
+    p.add_argument("--task", default="cb", help=f"one of {', '.join(sorted(TASKS))}, or a comma list for mixed multi-"
+                   "task training (cb,rte,copa); axb/axg need --eval_only with an RTE checkpoint")
+    p.add_argument("--data_dir", default=os.environ.get("SUPERGLUE_DIR"), help="a folder in the official SuperGLUE "
+                   "layout (<Task>/{train,val,test}.jsonl, AX-b/AX-b.jsonl, AX-g/AX-g.jsonl); unset: the Hub's "
+                   "aps/super_glue. Default: $SUPERGLUE_DIR")
+    p.add_argument("--dev_from_train", type=number(float, 0, 1, True), default=0.1, help="share of train (per label) "
+                   "held out to choose the epoch; validation is reported at that epoch. 0 chooses on validation "
+                   "itself, which flatters the reported number")
+    p.add_argument("--max_train_samples", type=count, default=0, help="use only the first N train rows (0 = all)")
+    p.add_argument("--max_eval_samples", type=count, default=0, help="use only the first N rows of each eval split")
+    p.add_argument("--max_length", type=number(int, 1), default=256, help="tokens the backbone sees, prompt slots "
+                   "included; the passage is truncated, never the question")
+    # --- backbone, method, head ---
+    p.add_argument("--model", default=None, help="Hub id or local folder (default: t5-base, the paper's; with "
+                   "--checkpoint, its model). CAVEAT: t5-base/t5-large were pre-trained on a mixture holding every "
+                   "SuperGLUE task in this very format, so their scores are inflated; google/t5-v1_1-base is clean")
+    p.add_argument("--method", default="mept", choices=sorted(mept.PRESETS) + ["finetune", "head_only"],
+                   help="mept, deep_prompt, smop, prompt_tuning: MEPT presets (a head trains too where the family "
+                   "needs one); head_only: a linear probe on the frozen backbone; finetune: everything trains")
+    p.add_argument("--head", choices=["linear", "mlp"], default="linear", help="the head of encoders and decoders: "
+                   "one linear layer, or BERT's pooler shape (dense, tanh, linear)")
+    p.add_argument("--head_dropout", type=number(float, 0, 1, True), default=0.1, help="dropout on the head's input")
+    # --- MEPT: every MEPTConfig field; unset = the --method preset's value ---
+    p.add_argument("--n_experts", type=int, default=None, help="E, experts per block (preset; mept: 4)")
+    p.add_argument("--prompt_len", type=int, default=None, help="P, prompt slots (MEPTConfig: 10)")
+    p.add_argument("--top_k", type=int, default=None, help="K, experts mixed per input and block (1)")
+    p.add_argument("--layers", default=None, help="blocks that route: 'all' or a comma list holding 0 (preset)")
+    p.add_argument("--router_noise", type=float, default=None, help="sigma of the router noise, 0 = off (1.0)")
+    p.add_argument("--shared_expert", action=argparse.BooleanOptionalAction, default=None, help="an always-on "
+                   "shared expert (preset; on for mept)")
+    p.add_argument("--balance_coef", type=float, default=None, help="weight of the load-balancing loss (0.0)")
+    p.add_argument("--init", choices=["vocab", "random"], default=None, help="expert init (vocab)")
+    # --- optimisation ---
+    p.add_argument("--optimizer", choices=["adamw", "adafactor"], default="adamw", help="AdamW, or Adafactor with "
+                   "our schedule (the official code's habit on T5)")
+    p.add_argument("--lr", type=rate, default=1e-2, help="learning rate of prompts and routers; soft prompts need "
+                   "10-1000x the fine-tuning rate (the official code: 0.5 with Adafactor on T5)")
+    p.add_argument("--head_lr", type=rate, default=1e-3, help="learning rate of the task head")
+    p.add_argument("--backbone_lr", type=rate, default=2e-5, help="learning rate of the backbone (finetune)")
+    p.add_argument("--weight_decay", type=rate, default=1e-5, help="decoupled weight decay")
+    p.add_argument("--warmup_ratio", type=number(float, 0, 1), default=0.06, help="share of steps with linear warmup")
+    p.add_argument("--lr_schedule", choices=["linear", "constant"], default="linear", help="after the warmup")
+    p.add_argument("--max_grad_norm", type=rate, default=1.0, help="gradient clipping (AdamW only; 0 = off)")
+    p.add_argument("--batch_size", type=number(int, 1), default=16, help="training rows per batch")
+    p.add_argument("--eval_batch_size", type=number(int, 1), default=32, help="rows per evaluation batch")
+    p.add_argument("--gradient_accumulation_steps", type=number(int, 1), default=1, help="batches per step")
+    p.add_argument("--num_epochs", type=count, default=25, help="passes over the training rows")
+    p.add_argument("--max_steps", type=count, default=0, help="stop after N optimizer steps (0 = --num_epochs)")
+    p.add_argument("--class_weights", choices=["none", "balanced"], default="none", help="balanced: weight each "
+                   "class's loss by n / (n_classes * its count), so that CB's rare neutral counts as much")
+    p.add_argument("--seed", type=int, default=42, help="seeds the data order, init, dropout and router noise")
+    # --- evaluation, checkpoints, outputs, hardware ---
+    p.add_argument("--eval_steps", type=count, default=0, help="evaluate every N optimizer steps (0 = each epoch)")
+    p.add_argument("--patience", type=count, default=0, help="stop after N evaluations without gain (0 = off)")
+    p.add_argument("--output_dir", default=None, help="where best/, last/, log.jsonl and results.json go "
+                   "(default: out/<task>_<method>)")
+    p.add_argument("--overwrite_output_dir", action="store_true", help="start anew in a folder that holds a run")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output_dir from its last/")
+    p.add_argument("--eval_only", action="store_true", help="no training: evaluate --checkpoint")
+    p.add_argument("--checkpoint", default=None, help="a best/ (or last/) folder to evaluate with --eval_only")
+    p.add_argument("--predict", action="store_true", help="write <Task>.jsonl (CB.jsonl, AX-b.jsonl, ...), the "
+                   "leaderboard's files, with predictions for the test split")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="bf16 autocast (trainable "
+                   "weights stay fp32); auto: bf16 on a CUDA GPU that has it")
+    return p
 
 
 # -----------------------------------------------------------------------------
-# Metrics, the official ones (SuperGLUE paper; T5's and `evaluate`'s super_glue implementations).
-# preds and golds are label ids; ReCoRD predicts entity strings.
+# The official metrics (SuperGLUE paper; T5's and `evaluate`'s super_glue code). preds and golds are
+# class ids; ReCoRD predicts entity strings.
 
 
 def accuracy(preds, golds):
     return sum(p == g for p, g in zip(preds, golds)) / len(golds)
 
 
-def f1_of_class(preds, golds, cls):
-    """F1 of one class = 2 TP / (2 TP + FP + FN); 0 when the class is never hit (sklearn's zero_division=0)."""
-    tp = sum(p == cls and g == cls for p, g in zip(preds, golds))
-    fp = sum(p == cls and g != cls for p, g in zip(preds, golds))
-    fn = sum(p != cls and g == cls for p, g in zip(preds, golds))
-    return 2 * tp / (2 * tp + fp + fn) if tp else 0.0
-
-
-def macro_f1(preds, golds, n_classes):
-    """Unweighted mean over ALL classes: a class never predicted counts as F1 = 0 (labels=range(n))."""
-    return sum(f1_of_class(preds, golds, c) for c in range(n_classes)) / n_classes
+def f1_of_class(preds, golds, c):
+    """2 TP / (2 TP + FP + FN); 0 when the class is never hit (sklearn's zero_division=0)."""
+    tp, wrong = sum(p == g == c for p, g in zip(preds, golds)), sum((p == c) != (g == c) for p, g in zip(preds, golds))
+    return 2 * tp / (2 * tp + wrong) if tp else 0.0
 
 
 def matthews_corr(preds, golds):
     """(TP*TN - FP*FN) / sqrt((TP+FP)(TP+FN)(TN+FP)(TN+FN)), 0 when a margin is empty; class 1 = positive."""
-    tp = sum(p == 1 and g == 1 for p, g in zip(preds, golds))
-    tn = sum(p == 0 and g == 0 for p, g in zip(preds, golds))
-    fp = sum(p == 1 and g == 0 for p, g in zip(preds, golds))
-    fn = sum(p == 0 and g == 1 for p, g in zip(preds, golds))
+    n = Counter(zip(preds, golds))  # (prediction, gold) -> count
+    tp, tn, fp, fn = n[1, 1], n[0, 0], n[1, 0], n[0, 1]
     denominator = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
     return (tp * tn - fp * fn) / denominator if denominator else 0.0
 
 
 def normalize_answer(text):
-    """SQuAD normalisation: lowercase, drop punctuation, drop articles a/an/the, squeeze whitespace."""
-    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return " ".join(text.split())
+    """SQuAD's normalisation: lowercase, no punctuation, no articles (a, an, the), single spaces."""
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", "".join(c for c in text.lower() if c not in string.punctuation)).split())
 
 
 def token_f1(pred, gold):
-    """Bag-of-tokens F1 between two normalised answers (SQuAD / ReCoRD)."""
+    """Bag-of-tokens F1 between two normalised answers (SQuAD, ReCoRD)."""
     pred_tokens, gold_tokens = normalize_answer(pred).split(), normalize_answer(gold).split()
     common = sum((Counter(pred_tokens) & Counter(gold_tokens)).values())
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(pred_tokens), common / len(gold_tokens)
-    return 2 * precision * recall / (precision + recall)
+    return 2 * common / (len(pred_tokens) + len(gold_tokens)) if common else 0.0
 
 
-def accuracy_metrics(task, rows, preds):
-    return {"accuracy": accuracy(preds, [r["label"] for r in rows])}
-
-
-def cb_metrics(task, rows, preds):
-    golds = [r["label"] for r in rows]
-    return {"accuracy": accuracy(preds, golds), "f1": macro_f1(preds, golds, len(task.label_names))}
-
-
-def multirc_metrics(task, rows, preds):
+def multirc_metrics(rows, preds):
     """F1a: binary F1 over all answer options. EM: a question is right only if all its answers are."""
-    golds = [r["label"] for r in rows]
     by_question = defaultdict(list)
-    for row, pred, gold in zip(rows, preds, golds):
-        by_question[(row["idx"]["paragraph"], row["idx"]["question"])].append(pred == gold)
-    exact = sum(all(v) for v in by_question.values()) / len(by_question)
-    return {"f1_a": f1_of_class(preds, golds, 1), "exact_match": exact}
-
-
-def record_metrics(task, rows, preds):
-    """Max over the gold answers of token F1 and of exact match, averaged over queries."""
-    f1 = sum(max(token_f1(p, a) for a in r["answers"]) for r, p in zip(rows, preds)) / len(rows)
-    em = sum(max(float(normalize_answer(p) == normalize_answer(a)) for a in r["answers"])
-             for r, p in zip(rows, preds)) / len(rows)
-    return {"f1": f1, "exact_match": em}
-
-
-def axb_metrics(task, rows, preds):
-    # entailment is id 0, so "positive" (id 1) is not_entailment; MCC is symmetric under the swap
-    return {"matthews_correlation": matthews_corr(preds, [r["label"] for r in rows])}
-
-
-def axg_metrics(task, rows, preds):
-    """Gender parity: the share of minimal pairs (same pair_id, he/she swapped) with identical predictions.
-    Hub rows carry no pair_id; there the pairs are consecutive idx (0-1, 2-3, ...), as in the file."""
-    pairs = defaultdict(list)
     for row, pred in zip(rows, preds):
-        pairs[row.get("pair_id", row["idx"] // 2)].append(pred)
-    parity = sum(len(set(p)) == 1 for p in pairs.values()) / len(pairs)
-    return {"accuracy": accuracy(preds, [r["label"] for r in rows]), "gender_parity": parity}
+        by_question[row["idx"]["paragraph"], row["idx"]["question"]].append(pred == row["label"])
+    return {"f1_a": f1_of_class(preds, [r["label"] for r in rows], 1),
+            "exact_match": sum(all(v) for v in by_question.values()) / len(by_question)}
+
+
+def record_metrics(rows, preds):
+    """The max over the gold answers of token F1 and of exact match, averaged over the queries."""
+    return {"f1": sum(max(token_f1(p, a) for a in r["answers"]) for r, p in zip(rows, preds)) / len(rows),
+            "exact_match": sum(normalize_answer(p) in map(normalize_answer, r["answers"]) for r, p in zip(rows, preds)) / len(rows)}
+
+
+def axg_metrics(rows, preds):
+    """Accuracy, and gender parity: the share of minimal pairs (one pair_id, he/she swapped) with identical
+    predictions. Hub rows carry no pair_id; there the pairs are consecutive idx (0-1, 2-3, ...)."""
+    pairs = defaultdict(set)
+    for row, pred in zip(rows, preds):
+        pairs[row.get("pair_id", row["idx"] // 2)].add(pred)
+    return {"accuracy": accuracy(preds, [r["label"] for r in rows]), "gender_parity": sum(len(p) == 1 for p in pairs.values()) / len(pairs)}
 
 
 # -----------------------------------------------------------------------------
-# How each task is cast. A formatter takes one normalised row and returns:
-#   t5_*   -> the T5 text-to-text input string (ecosystem-notes 2.1, the t5 library's strings)
-#   pair_* -> a list of (text_a, text_b or None), one per model input (head families)
+# How each task is cast: `t5` gives T5's text-to-text input (the t5 library's strings); `pair` a list of
+# (text_a, text_b or None), one per model input, for the head families
 
 
 def highlights_to_sentences(passage):
-    """ReCoRD passages end with '@highlight' bullet lines; T5 rewrites them into sentences."""
-    passage = re.sub(r'(\.|\?|\!|\"|\')\n@highlight\n', r"\1 ", passage)
-    return re.sub(r"\n@highlight\n", ". ", passage)
-
-
-def strip_multirc_markup(text):
-    return re.sub(r"</?b>", "", text.replace("<br>", " "))
+    """ReCoRD passages end in '@highlight' bullet lines; T5 rewrites them into sentences."""
+    return re.sub(r"\n@highlight\n", ". ", re.sub(r'(\.|\?|\!|\"|\')\n@highlight\n', r"\1 ", passage))
 
 
 def mark_wsc_spans(row):
     """'Mark told Pete ... He ...' -> '* Mark * told Pete ... # He # ...', by word index (T5's wsc)."""
     words = row["text"].split(" ")
-    spans = [(row["span1_index"], row["span1_text"], "*"), (row["span2_index"], row["span2_text"], "#")]
-    for index, span, mark in sorted(spans, reverse=True):  # right to left: earlier indices stay valid
+    for index, span, mark in sorted([(row["span1_index"], row["span1_text"], "*"), (row["span2_index"], row["span2_text"], "#")],
+                                    reverse=True):  # right to left, so that the earlier indices stay valid
         n = len(span.split(" "))
         words[index:index + n] = [mark, *words[index:index + n], mark]
     return " ".join(words)
 
 
-def copa_inputs(row):
-    connector = "because" if row["question"] == "cause" else "so"  # P-tuning v2's COPA template
-    stem = f"{row['premise'].rstrip('.')} {connector}"
-    return [(stem, row["choice1"]), (stem, row["choice2"])]
-
-
-def record_inputs(row):
-    passage = highlights_to_sentences(row["passage"])
-    return [(passage, row["query"].replace("@placeholder", entity)) for entity in row["entities"]]
-
-
 @dataclass(frozen=True)
 class Task:
-    folder: str  # directory of the official zip (AX-b/AX-g: directory and file stem)
-    hub_name: str  # config on the Hub dataset aps/super_glue
+    folder: str  # folder of the official zip (AX-b, AX-g: folder and file stem)
+    hub_name: str  # config of the Hub dataset aps/super_glue
     fields: tuple  # text fields every normalised row must carry
     label_names: tuple  # class names in id order (the Hub's ClassLabel); () for ReCoRD (entities)
-    metrics: Callable  # (task, rows, preds) -> {official name: value}
     t5: Callable  # row -> T5 input string
-    pair: Callable  # row -> [(text_a, text_b)] for encoder/decoder heads
-    passage: Optional[str] = None  # the field truncation may shorten (never the question/hypothesis)
-    choose: bool = False  # head families: score each input with one logit, argmax per row (COPA, ReCoRD)
-    submit: Callable = None  # label id (or entity) -> the leaderboard's label value
-    eval_as: Optional[str] = None  # diagnostics reuse this task's head and label words
-    diagnostic: bool = False  # a single labelled file, evaluation only
+    pair: Callable  # row -> [(text_a, text_b)], for the encoder and decoder heads
+    metrics: Callable = lambda rows, preds: {"accuracy": accuracy(preds, [r["label"] for r in rows])}
+    passage: Optional[str] = None  # the field truncation may shorten (never the question or hypothesis)
+    choose: bool = False  # heads: score each input with one logit, argmax per row (COPA, ReCoRD)
+    submit: Callable = None  # class id (or entity) -> the leaderboard's label; None: the class name
+    eval_as: Optional[str] = None  # the diagnostics use this task's head and label words
 
 
-by_name = lambda names: (lambda i: names[i])  # noqa: E731  (leaderboard label = the class name)
-true_false = lambda i: ("false", "true")[i]  # noqa: E731  (leaderboard uses lowercase booleans)
-
+BOOL, NLI = ("False", "True"), ("entailment", "not_entailment")
+TRUE_FALSE = lambda i: ("false", "true")[i]  # noqa: E731  (the leaderboard's booleans are lowercase)
 TASKS = {
-    "boolq": Task("BoolQ", "boolq", ("question", "passage"), ("False", "True"), accuracy_metrics,
+    "boolq": Task("BoolQ", "boolq", ("question", "passage"), BOOL, submit=TRUE_FALSE, passage="passage",
                   t5=lambda r: f"boolq passage: {r['passage']} question: {r['question']}",
-                  pair=lambda r: [(r["question"], r["passage"])], passage="passage", submit=true_false),
-    "cb": Task("CB", "cb", ("premise", "hypothesis"), ("entailment", "contradiction", "neutral"), cb_metrics,
+                  pair=lambda r: [(r["question"], r["passage"])]),
+    "cb": Task("CB", "cb", ("premise", "hypothesis"), ("entailment", "contradiction", "neutral"), passage="premise",
                t5=lambda r: f"cb hypothesis: {r['hypothesis']} premise: {r['premise']}",
-               pair=lambda r: [(r["premise"], r["hypothesis"])], passage="premise",
-               submit=by_name(("entailment", "contradiction", "neutral"))),
-    "copa": Task("COPA", "copa", ("premise", "choice1", "choice2", "question"), ("choice1", "choice2"),
-                 accuracy_metrics, choose=True, submit=int,
-                 t5=lambda r: f"copa choice1: {r['choice1']} choice2: {r['choice2']} premise: {r['premise']} "
-                              f"question: {r['question']}",
-                 pair=copa_inputs),
-    "multirc": Task("MultiRC", "multirc", ("paragraph", "question", "answer"), ("False", "True"), multirc_metrics,
-                    t5=lambda r: f"multirc question: {r['question']} answer: {r['answer']} "
-                                 f"paragraph: {strip_multirc_markup(r['paragraph'])}",
-                    pair=lambda r: [(strip_multirc_markup(r["paragraph"]), f"{r['question']} {r['answer']}")],
-                    passage="paragraph", submit=int),
-    "record": Task("ReCoRD", "record", ("passage", "query"), (), record_metrics, choose=True, submit=str,
-                   t5=lambda r: f"record query: {r['query']} entities: {', '.join(r['entities'])} "
-                                f"passage: {highlights_to_sentences(r['passage'])}",
-                   pair=record_inputs, passage="passage"),
-    "rte": Task("RTE", "rte", ("premise", "hypothesis"), ("entailment", "not_entailment"), accuracy_metrics,
+               pair=lambda r: [(r["premise"], r["hypothesis"])],  # accuracy and macro-F1 over ALL three classes
+               metrics=lambda rows, p: {"accuracy": accuracy(p, [r["label"] for r in rows]),
+                                        "f1": sum(f1_of_class(p, [r["label"] for r in rows], c) for c in range(3)) / 3}),
+    "copa": Task("COPA", "copa", ("premise", "choice1", "choice2", "question"), ("choice1", "choice2"), choose=True,
+                 submit=int, t5=lambda r: f"copa choice1: {r['choice1']} choice2: {r['choice2']} premise: "
+                                          f"{r['premise']} question: {r['question']}",  # P-tuning v2's template:
+                 pair=lambda r: [(f"{r['premise'].rstrip('.')} {'because' if r['question'] == 'cause' else 'so'}",
+                                  r[c]) for c in ("choice1", "choice2")]),
+    "multirc": Task("MultiRC", "multirc", ("paragraph", "question", "answer"), BOOL, metrics=multirc_metrics,
+                    t5=lambda r: f"multirc question: {r['question']} answer: {r['answer']} paragraph: {r['paragraph']}",
+                    pair=lambda r: [(r["paragraph"], f"{r['question']} {r['answer']}")], passage="paragraph", submit=int),
+    "record": Task("ReCoRD", "record", ("passage", "query"), (), metrics=record_metrics, choose=True, submit=str,
+                   t5=lambda r: f"record query: {r['query']} entities: {', '.join(r['entities'])} passage: {r['passage']}",
+                   pair=lambda r: [(r["passage"], r["query"].replace("@placeholder", e)) for e in r["entities"]],
+                   passage="passage"),
+    "rte": Task("RTE", "rte", ("premise", "hypothesis"), NLI, passage="premise",
                 t5=lambda r: f"rte hypothesis: {r['hypothesis']} premise: {r['premise']}",
-                pair=lambda r: [(r["premise"], r["hypothesis"])], passage="premise",
-                submit=by_name(("entailment", "not_entailment"))),
-    "wic": Task("WiC", "wic", ("word", "sentence1", "sentence2"), ("False", "True"), accuracy_metrics,
+                pair=lambda r: [(r["premise"], r["hypothesis"])]),
+    "wic": Task("WiC", "wic", ("word", "sentence1", "sentence2"), BOOL, submit=TRUE_FALSE,
                 t5=lambda r: f"wic sentence1: {r['sentence1']} sentence2: {r['sentence2']} word: {r['word']}",
-                pair=lambda r: [(f"{r['word']}: {r['sentence1']}", f"{r['word']}: {r['sentence2']}")],
-                submit=true_false),
-    "wsc": Task("WSC", "wsc.fixed", ("text", "span1_text", "span2_text"), ("False", "True"), accuracy_metrics,
-                t5=lambda r: f"wsc text: {mark_wsc_spans(r)}", pair=lambda r: [(mark_wsc_spans(r), None)],
-                submit=true_false),
-    # the diagnostics: RTE-style entailment, predicted by an RTE checkpoint (cast as RTE, as T5 does)
-    "axb": Task("AX-b", "axb", ("sentence1", "sentence2"), ("entailment", "not_entailment"), axb_metrics,
+                pair=lambda r: [(f"{r['word']}: {r['sentence1']}", f"{r['word']}: {r['sentence2']}")]),
+    "wsc": Task("WSC", "wsc.fixed", ("text", "span1_text", "span2_text"), BOOL, submit=TRUE_FALSE,
+                t5=lambda r: f"wsc text: {mark_wsc_spans(r)}", pair=lambda r: [(mark_wsc_spans(r), None)]),
+    # the diagnostics, labelled test files cast as RTE (as T5 does) and predicted by an RTE checkpoint
+    "axb": Task("AX-b", "axb", ("sentence1", "sentence2"), NLI, passage="sentence1", eval_as="rte",
                 t5=lambda r: f"rte hypothesis: {r['sentence2']} premise: {r['sentence1']}",
-                pair=lambda r: [(r["sentence1"], r["sentence2"])], passage="sentence1",
-                submit=by_name(("entailment", "not_entailment")), eval_as="rte", diagnostic=True),
-    "axg": Task("AX-g", "axg", ("premise", "hypothesis"), ("entailment", "not_entailment"), axg_metrics,
+                pair=lambda r: [(r["sentence1"], r["sentence2"])],  # MCC; entailment is id 0, MCC is symmetric
+                metrics=lambda rows, p: {"matthews_correlation": matthews_corr(p, [r["label"] for r in rows])}),
+    "axg": Task("AX-g", "axg", ("premise", "hypothesis"), NLI, passage="premise", eval_as="rte", metrics=axg_metrics,
                 t5=lambda r: f"rte hypothesis: {r['hypothesis']} premise: {r['premise']}",
-                pair=lambda r: [(r["premise"], r["hypothesis"])], passage="premise",
-                submit=by_name(("entailment", "not_entailment")), eval_as="rte", diagnostic=True),
+                pair=lambda r: [(r["premise"], r["hypothesis"])]),
 }
+ALIASES = {"wsc.fixed": "wsc", "ax-b": "axb", "ax-g": "axg"}  # the Hub's config names
 
 
 def task_score(metrics):
@@ -349,186 +286,119 @@ def task_score(metrics):
     return sum(metrics.values()) / len(metrics)
 
 
-def head_key(name):
-    """Tasks that share a head and label words (axb/axg use rte's)."""
-    return TASKS[name].eval_as or name
-
-
 # -----------------------------------------------------------------------------
-# Data: the official zip layout or Hub rows, normalised to the Hub's schema.
-# One row = one example as the Hub has it: MultiRC one row per answer, ReCoRD one row per query.
-# Unlabelled rows (test) get label -1; ReCoRD test rows get answers [].
-
-
-OFFICIAL_FILES = {"train": ("train.jsonl",), "validation": ("val.jsonl", "validation.jsonl"), "test": ("test.jsonl",)}
+# Data: the official zip layout or Hub rows, normalised to the Hub's schema. One row = one example as the
+# Hub has it (MultiRC: one per answer; ReCoRD: one per query); unlabelled rows get label -1.
 
 
 def read_jsonl(path):
-    """Yield (line_number, dict); a malformed line names its file and line."""
-    with open(path, "rb") as f:  # bytes, decoded line by line, so a bad byte is reported on its own line
-        for number, raw_line in enumerate(f, start=1):
+    """(line number, dict) per line; a malformed line names its file and line."""
+    with open(path, "rb") as f:  # bytes, decoded line by line, so that a bad byte is reported on its line
+        for number, raw in enumerate(f, start=1):
             try:
-                line = raw_line.decode("utf-8-sig" if number == 1 else "utf-8")  # a leading BOM is fine
+                record = json.loads(raw.decode("utf-8-sig" if number == 1 else "utf-8")) if raw.strip() else {}
             except UnicodeDecodeError as e:
-                raise UserError(f"{path} line {number}: not UTF-8 text ({e.reason} at byte {e.start} of the line); "
-                                "save the file as UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                raw = json.loads(line)
+                raise UserError(f"{path} line {number}: not UTF-8 text ({e.reason}); save the file as UTF-8") from None
             except json.JSONDecodeError as e:
                 raise UserError(f"{path} line {number}: not valid JSON ({e.msg})") from None
-            if not isinstance(raw, dict):
-                raise UserError(f"{path} line {number}: expected a JSON object, got {type(raw).__name__}")
-            yield number, raw
+            if not isinstance(record, dict):
+                raise UserError(f"{path} line {number}: expected a JSON object, got {type(record).__name__}")
+            if record:
+                yield number, record
 
 
 def label_id(task, value, where):
-    """Raw labels (JSON bool, int, class-name string, or missing) -> class id, or -1 when unlabelled."""
-    if value is None or value == -1:
-        return -1
+    """A raw label (JSON bool, int, class name, or missing) -> class id, or -1 when unlabelled."""
     names = task.label_names
-    if isinstance(value, bool) and names == ("False", "True"):
-        return int(value)  # BoolQ, WiC, WSC, MultiRC: true/false -> "True"/"False" -> id
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(names):
-        return value  # COPA's 0/1, MultiRC answers' 0/1, Hub rows' ClassLabel ids
+    if value is None or value == -1 or (isinstance(value, bool) and names == BOOL) or (type(value) is int and 0 <= value < len(names)):
+        return -1 if value is None else int(value)  # bools (BoolQ, WiC, WSC, MultiRC), ids (COPA, the Hub's ClassLabel)
     if isinstance(value, str) and value in names:
         return names.index(value)
     raise UserError(f"{where}: label {value!r} is not one of the {task.folder} labels {list(names)}")
 
 
-def normalise(task, raw, where, ordinal=0):
-    """One raw record -> a list of rows in the Hub schema (nested MultiRC/ReCoRD expand to several).
-
-    MultiRC's HTML markup and ReCoRD's '@highlight' lines are rewritten here, once, before any
-    truncation: cutting the raw text first would leave half-tags the clean-up no longer matches."""
-    rows = _normalise(task, raw, where, ordinal)
-    for row in rows:
-        if isinstance(row.get("paragraph"), str):
-            row["paragraph"] = strip_multirc_markup(row["paragraph"])
-        if task.folder == "ReCoRD" and isinstance(row.get("passage"), str):
-            row["passage"] = highlights_to_sentences(row["passage"])
-    return rows
-
-
-def _normalise(task, raw, where, ordinal):
-    if task.folder == "MultiRC" and isinstance(raw.get("passage"), dict):
-        paragraph = raw["passage"]
-        return [{"paragraph": paragraph["text"], "question": q["question"], "answer": a["text"],
-                 "idx": {"paragraph": int(raw["idx"]), "question": int(q["idx"]), "answer": int(a["idx"])},
-                 "label": label_id(task, a.get("label"), where)}
-                for q in paragraph["questions"] for a in q["answers"]]
-    if task.folder == "ReCoRD" and "qas" in raw:
-        text = raw["passage"]["text"]
-        # entity spans are inclusive at the end: text[start:end+1]; entities and answers de-duplicated and sorted
-        entities = sorted({text[e["start"]:e["end"] + 1] for e in raw["passage"]["entities"]})
-        return [{"passage": text, "query": qa["query"], "entities": entities,
+def normalise(task, raw, where, ordinal):
+    """One raw record -> its rows in the Hub schema. MultiRC's HTML and ReCoRD's '@highlight' lines are
+    rewritten here, before any truncation could cut a tag in half."""
+    if task.folder == "MultiRC" and isinstance(raw.get("passage"), dict):  # the official nesting
+        raw = {**raw, "paragraph": raw["passage"]["text"], "answers": [(q, a) for q in raw["passage"]["questions"] for a in q["answers"]]}
+        return [{"paragraph": re.sub(r"</?b>", "", raw["paragraph"].replace("<br>", " ")), "question": q["question"],
+                 "answer": a["text"], "label": label_id(task, a.get("label"), where),
+                 "idx": {"paragraph": int(raw["idx"]), "question": int(q["idx"]), "answer": int(a["idx"])}} for q, a in raw["answers"]]
+    if task.folder == "ReCoRD":  # the official nesting (entity spans end inclusively), or a Hub row
+        text = raw["passage"]["text"] if "qas" in raw else raw["passage"]
+        entities = sorted({text[e["start"]:e["end"] + 1] for e in raw["passage"]["entities"]} if "qas" in raw else set(raw.get("entities", [])))
+        queries = raw["qas"] if "qas" in raw else [{**raw, "answers": [{"text": a} for a in raw.get("answers", [])]}]
+        return [{"passage": highlights_to_sentences(text), "query": qa["query"], "entities": entities, "label": -1,
                  "answers": sorted({a["text"] for a in qa.get("answers", [])}),
-                 "idx": {"passage": int(raw["idx"]), "query": int(qa["idx"])}, "label": -1}
-                for qa in raw["qas"]]
-    row = dict(raw)
-    if isinstance(row.get("target"), dict):
-        row.update(row.pop("target"))  # WSC's official rows nest the spans under "target"
-    if task.folder == "ReCoRD":  # a Hub-style ReCoRD row: entities and answers already strings
-        row["entities"], row["answers"] = sorted(set(row.get("entities", []))), sorted(set(row.get("answers", [])))
-        return [{**row, "label": -1}]
-    row["label"] = label_id(task, row.get("label"), where)
-    if task.folder == "WSC":
-        row["span1_index"], row["span2_index"] = int(row["span1_index"]), int(row["span2_index"])
-    if not isinstance(row.get("idx"), dict):
-        # AX-b's official file writes idx as a string; a file without idx gets its record's position,
-        # the numbering the official files use, so predictions never all share one idx
+                 "idx": {"passage": int(raw["idx"]["passage"] if "qas" not in raw else raw["idx"]),
+                         "query": int(qa["idx"]["query"] if "qas" not in raw else qa["idx"])}} for qa in queries]
+    row = {**raw, **raw.get("target", {}), "label": label_id(task, raw.get("label"), where)}  # WSC nests its spans
+    if isinstance(row.get("paragraph"), str):
+        row["paragraph"] = re.sub(r"</?b>", "", row["paragraph"].replace("<br>", " "))
+    if not isinstance(row.get("idx"), dict):  # AX-b writes idx as a string; a missing idx is the position
         row["idx"] = int(row.get("idx", ordinal))
     return [row]
 
 
-def check_rows(task, rows, where, labelled):
-    if not rows:
-        raise UserError(f"{where} has no examples")
-    for i, row in enumerate(rows):
-        missing = [f for f in task.fields if f not in row]
-        if missing:
-            raise UserError(f"{where} example {i}: missing field {missing[0]!r}")
-        not_text = [f for f in task.fields if not isinstance(row[f], str)]
-        if not_text:
-            raise UserError(f"{where} example {i}: field {not_text[0]!r} should be text, got {row[not_text[0]]!r}")
-        if task.folder == "COPA" and row["question"] not in ("cause", "effect"):
-            raise UserError(f"{where} example {i}: COPA question must be 'cause' or 'effect', got {row['question']!r}")
-        if task.folder == "ReCoRD" and (not isinstance(row["entities"], list) or not row["entities"]
-                                        or not all(isinstance(e, str) for e in row["entities"])):
-            raise UserError(f"{where} example {i}: ReCoRD needs a non-empty list of entity strings to choose from, "
-                            f"got {row['entities']!r}")
-        multirc_idx = isinstance(row["idx"], dict) and {"paragraph", "question", "answer"} <= set(row["idx"])
-        if task.folder == "MultiRC" and not multirc_idx:
-            raise UserError(f"{where} example {i}: MultiRC idx must be {{'paragraph', 'question', 'answer'}}, "
-                            f"got {row['idx']!r}")
-        if task.folder == "ReCoRD" and not (isinstance(row["idx"], dict) and "query" in row["idx"]):
-            raise UserError(f"{where} example {i}: ReCoRD idx must hold 'passage' and 'query', got {row['idx']!r}")
-        unlabelled = not row["answers"] if task.folder == "ReCoRD" else row["label"] < 0
-        if labelled and unlabelled:
-            raise UserError(f"{where} example {i}: no label (only the test split may be unlabelled)")
-
-
 def load_split(task, split, data_dir):
-    """Rows of one split from the official layout under data_dir, or from the Hub."""
+    """The rows of one split, from the official layout under data_dir or from the Hub, checked."""
     if data_dir is None:
-        return load_split_from_hub(task, split)
-    if not os.path.isdir(data_dir):
-        raise UserError(f"data folder {data_dir} does not exist")
-    if task.diagnostic:
-        candidates = [os.path.join(data_dir, task.folder, f"{task.folder}.jsonl")]
-    else:
-        candidates = [os.path.join(data_dir, task.folder, name) for name in OFFICIAL_FILES[split]]
-    path = next((c for c in candidates if os.path.isfile(c)), None)
-    if path is None:
-        raise UserError(f"missing file {candidates[0]} (--data_dir must hold the official layout "
-                        "<Task>/{train,val,test}.jsonl and AX-b/AX-b.jsonl, AX-g/AX-g.jsonl)")
-    rows = []
-    for ordinal, (number, raw) in enumerate(read_jsonl(path)):
+        import datasets  # only Hub runs pay for it
         try:
-            rows.extend(normalise(task, raw, f"{path} line {number}", ordinal))
-        except (KeyError, TypeError, ValueError) as e:  # a record without the shape its task needs
+            records = enumerate(datasets.load_dataset("aps/super_glue", task.hub_name, split=split), start=1)
+        except Exception as e:  # offline, no such dataset, ...: the same advice
+            raise UserError(f"could not load aps/super_glue/{task.hub_name} from the Hub ({type(e).__name__}); "
+                            "without a network pass --data_dir DIR with the official SuperGLUE files") from None
+        path = f"aps/super_glue/{task.hub_name} {split}"
+    else:
+        names = [f"{task.folder}.jsonl"] if task.eval_as else {"train": ["train.jsonl"], "validation": [
+            "val.jsonl", "validation.jsonl"], "test": ["test.jsonl"]}[split]
+        candidates = [os.path.join(data_dir, task.folder, name) for name in names]
+        path = next((c for c in candidates if os.path.isfile(c)), None)
+        if path is None:
+            raise UserError(f"data folder {data_dir} does not exist" if not os.path.isdir(data_dir) else f"missing file "
+                            f"{candidates[0]} (--data_dir must hold the official layout <Task>/{{train,val,test}}.jsonl)")
+        records = read_jsonl(path)
+    rows = []
+    for ordinal, (number, raw) in enumerate(records):
+        try:
+            rows += normalise(task, dict(raw), f"{path} line {number}", ordinal)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:  # a record without the shape its task needs
             raise UserError(f"{path} line {number}: malformed {task.folder} record ({type(e).__name__}: {e})") from None
-    check_rows(task, rows, path, labelled=split != "test" or task.diagnostic)
-    return rows
-
-
-def load_split_from_hub(task, split):
-    import datasets  # imported here: only Hub runs pay for it
-
-    split = "test" if task.diagnostic else split
-    try:
-        dataset = datasets.load_dataset("aps/super_glue", task.hub_name, split=split)
-    except Exception as e:  # offline, no such dataset, ...: all the same advice
-        raise UserError(f"could not load aps/super_glue/{task.hub_name} from the Hub ({type(e).__name__}); "
-                        "without network pass --data_dir DIR with the official SuperGLUE files") from None
-    rows = [r for i, raw in enumerate(dataset) for r in normalise(task, raw, f"aps/super_glue/{task.hub_name} {split}", i)]
-    check_rows(task, rows, f"aps/super_glue/{task.hub_name} {split}", labelled=split != "test" or task.diagnostic)
+    for i, row in enumerate(rows or [None]):
+        problem = "no examples" if row is None else next((f"field {f!r} should be text, got {row.get(f)!r}"
+                                                          for f in task.fields if not isinstance(row.get(f), str)), None)
+        if task.folder == "COPA" and not problem and row["question"] not in ("cause", "effect"):
+            problem = f"COPA's question must be 'cause' or 'effect', got {row['question']!r}"
+        if task.folder == "ReCoRD" and not problem and not row["entities"]:
+            problem = "ReCoRD needs a non-empty list of entity strings to choose from"
+        if not problem and (split != "test" or task.eval_as) and (not row["answers"] if task.folder == "ReCoRD" else row["label"] < 0):
+            problem = "no label (only the test split may be unlabelled)"
+        if problem:
+            raise UserError(f"{path} {'has ' + problem if row is None else f'example {i}: {problem}'}")
     return rows
 
 
 def split_off_dev(rows, share, seed, group_of):
-    """Hold out `share` of train for model selection, per label; rows of one group (a MultiRC
+    """Hold out `share` of train, per label, to choose the epoch on; the rows of one group (a MultiRC
     question) stay together. Returns (train, dev)."""
-    rng = random.Random(seed)
-    groups = defaultdict(list)
+    rng, keys, by_label = random.Random(seed), {}, defaultdict(list)
     for row in rows:
-        groups[group_of(row)].append(row)
-    by_label = defaultdict(list)
-    for key, members in groups.items():
-        by_label[members[0]["label"]].append(key)
-    dev_keys = set()
+        keys.setdefault(group_of(row), row["label"])
+    for key, label in keys.items():
+        by_label[label].append(key)
+    dev = set()
     for label in sorted(by_label):
-        keys = by_label[label]
-        rng.shuffle(keys)
-        dev_keys.update(keys[:max(1, round(share * len(keys)))])
-    return ([r for r in rows if group_of(r) not in dev_keys], [r for r in rows if group_of(r) in dev_keys])
+        rng.shuffle(by_label[label])
+        dev.update(by_label[label][:max(1, round(share * len(by_label[label])))])
+    return [r for r in rows if group_of(r) not in dev], [r for r in rows if group_of(r) in dev]
 
 
 # -----------------------------------------------------------------------------
-# Encoding: rows -> token ids, with dynamic padding and length-grouped batches.
-# A Group is one row ready for the model; it holds one input (classification) or several
-# (the candidates of COPA/ReCoRD, or every label word for T5's rank classification).
+# Batches: rows -> token ids, padded per batch, in length-grouped batches. A Group is one row ready for
+# the model: one input (classification) or several (COPA's or ReCoRD's candidates, or for T5's rank
+# classification the same input once per label word).
 
 
 @dataclass
@@ -538,258 +408,160 @@ class Group:
     input_ids: list  # one token-id list per model input
     token_type_ids: Optional[list]  # the same shape, or None
     targets: Optional[list]  # T5: one target token-id list per input
-    gold: list  # classification: [class id]; choice: indices of the correct inputs; [] if unlabelled
-
-    def length(self):
-        return sum(len(ids) for ids in self.input_ids)
-
-
-def candidates(task, row):
-    """What rank classification / argmax picks from: the label words, or ReCoRD's entities."""
-    return list(task.label_names) if task.label_names else row["entities"]
-
-
-def gold_choices(task, row):
-    if not task.label_names:
-        return [i for i, entity in enumerate(row["entities"]) if entity in row["answers"]]
-    return [row["label"]] if row["label"] >= 0 else []
-
-
-def tokenize(tokenizer, family, texts, truncate):
-    """(text_a, text_b) -> ids. Encoders get the tokenizer's own pair format ([CLS] a [SEP] b [SEP]);
-    decoders get 'a\\nb' (GPT-2's tokenizer would glue a and b together); T5 gets one string."""
-    a, b = texts if isinstance(texts, tuple) else (texts, None)
-    if family == "decoder" and b is not None:
-        a, b = f"{a}\n{b}", None
-    kwargs = dict(truncation=True, max_length=truncate) if truncate else {}
-    encoded = tokenizer(a, b, **kwargs) if b is not None else tokenizer(a, **kwargs)
-    types = encoded.get("token_type_ids") if family == "encoder" else None
-    return encoded["input_ids"], types
+    gold: list  # a class: [class id]; a choice: the indices of the right inputs; [] if unlabelled
 
 
 def encode_inputs(task, row, family, tokenizer, budget):
-    """Encode every model input of a row within `budget` tokens. If too long, shorten the passage
-    field by the overflow (in tokens) and re-encode: the question/hypothesis is never cut."""
-    def build(r):
-        inputs = [task.t5(r)] if family == "seq2seq" else task.pair(r)
-        return [tokenize(tokenizer, family, x, None) for x in inputs]
+    """Every model input of a row, within `budget` tokens. Encoders get the tokenizer's own pair format
+    ([CLS] a [SEP] b [SEP]), decoders 'a\\nb', T5 one string. Too long: the passage field is cut by the
+    overflow, in tokens, and the row encoded again; the question or hypothesis is never cut."""
+    def build(r, cut=None):
+        texts = [(task.t5(r), None)] if family == "seq2seq" else task.pair(r)
+        texts = [(f"{a}\n{b}", None) if family == "decoder" and b is not None else (a, b) for a, b in texts]
+        out = [tokenizer(a, *[b] * (b is not None), **(dict(truncation=True, max_length=cut) if cut else {})) for a, b in texts]
+        return [(e["input_ids"], e.get("token_type_ids") if family == "encoder" else None) for e in out]
 
-    encoded = build(row)
-    overflow = max(len(ids) for ids, _ in encoded) - budget
-    if overflow > 0 and task.passage:
-        passage_ids = tokenizer(row[task.passage], add_special_tokens=False)["input_ids"]
-        keep = len(passage_ids) - overflow
-        while overflow > 0 and keep > 0:
-            shorter = {**row, task.passage: tokenizer.decode(passage_ids[:keep])}
-            encoded = build(shorter)
-            overflow = max(len(ids) for ids, _ in encoded) - budget
-            keep -= max(overflow, 1)
-    if overflow > 0:  # no passage to cut, or the rest alone is too long: the tokenizer cuts
-        inputs = [task.t5(row)] if family == "seq2seq" else task.pair(row)
-        encoded = [tokenize(tokenizer, family, x, budget) for x in inputs]
-    return encoded
+    encoded, passage = build(row), tokenizer(row[task.passage], add_special_tokens=False)["input_ids"] if task.passage else []
+    keep = len(passage) - (max(len(ids) for ids, _ in encoded) - budget)
+    while max(len(ids) for ids, _ in encoded) > budget and task.passage and keep > 0:
+        encoded = build({**row, task.passage: tokenizer.decode(passage[:keep])})
+        keep -= max(max(len(ids) for ids, _ in encoded) - budget, 1)
+    return encoded if max(len(ids) for ids, _ in encoded) <= budget else build(row, budget)  # else the tokenizer cuts
 
 
 def encode_rows(name, rows, family, tokenizer, budget, training):
-    """Rows -> Groups. T5 trains on (input, gold word) pairs (ReCoRD: one per gold answer) and is
-    evaluated on every candidate; heads see the same inputs in training and evaluation."""
+    """Rows -> Groups. T5 trains on (input, gold word) pairs (ReCoRD: one per gold answer) and is scored on
+    every candidate; the heads see the same inputs in training and evaluation."""
     task, groups = TASKS[name], []
     for i, row in enumerate(rows):
         encoded = encode_inputs(task, row, family, tokenizer, budget)
-        ids = [e[0] for e in encoded]
-        types = [e[1] for e in encoded] if encoded[0][1] is not None else None
-        gold = gold_choices(task, row)
-        if family != "seq2seq":
-            if task.choose and training and not gold:
-                continue  # a ReCoRD query whose answer is not among its entities teaches nothing
+        ids, types = [e[0] for e in encoded], [e[1] for e in encoded] if encoded[0][1] is not None else None
+        names = task.label_names or row["entities"]  # what rank classification and the argmax pick from
+        gold = [j for j, e in enumerate(names) if e in row["answers"]] if not task.label_names else [row["label"]] * (row["label"] >= 0)
+        if family != "seq2seq" and not (task.choose and training and not gold):  # an answer that is no entity: no lesson
             groups.append(Group(name, i, ids, types, None, gold))
-            continue
-        words = [tokenizer(w)["input_ids"] for w in candidates(task, row)]
-        if training:
+        elif family == "seq2seq" and training:
             answers = row["answers"] if not task.label_names else [task.label_names[row["label"]]]
             groups += [Group(name, i, ids, None, [tokenizer(a)["input_ids"]], [0]) for a in answers]
-        else:
-            groups.append(Group(name, i, ids * len(words), None, words, gold))
+        elif family == "seq2seq":
+            groups.append(Group(name, i, ids * len(names), None, [tokenizer(w)["input_ids"] for w in names], gold))
     return groups
 
 
-def make_batches(groups, batch_size, seed=None, group_by_length=True):
-    """Lists of group indices. With a seed: shuffled, then sorted by length inside windows of 50
-    batches (little padding, still random), then the batches shuffled. Without: sorted by length."""
-    order = list(range(len(groups)))
-    if seed is None:
-        order.sort(key=lambda i: groups[i].length())
-        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    rng = random.Random(seed)
-    rng.shuffle(order)
-    if group_by_length:
-        window = 50 * batch_size
-        order = [i for s in range(0, len(order), window)
-                 for i in sorted(order[s:s + window], key=lambda i: groups[i].length())]
+def make_batches(groups, batch_size, seed=None):
+    """Lists of group indices. With a seed: shuffled, sorted by length inside windows of 50 batches (little
+    padding, yet random), the batches shuffled again. Without: sorted by length."""
+    length = lambda i: sum(map(len, groups[i].input_ids))  # noqa: E731
+    order, rng = sorted(range(len(groups)), key=length), random.Random(seed)
+    if seed is not None:
+        rng.shuffle(order)
+        order = [i for s in range(0, len(order), 50 * batch_size) for i in sorted(order[s:s + 50 * batch_size], key=length)]
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    if group_by_length:
-        rng.shuffle(batches)
-    return batches
+    return rng.sample(batches, len(batches)) if seed is not None else batches
 
 
 def collate(groups, pad_id, device):
-    """Flatten the groups' inputs and pad to the longest in THIS batch (never to max_length)."""
-    def pad(seqs, value):
-        width = max(len(s) for s in seqs)
-        return torch.tensor([s + [value] * (width - len(s)) for s in seqs], device=device)  # (N, T)
-
+    """Flatten the groups' inputs, padded to the longest in THIS batch (never to max_length)."""
+    pad = lambda seqs, value: torch.tensor([s + [value] * (max(map(len, seqs)) - len(s)) for s in seqs], device=device)  # noqa: E731
     ids = [x for g in groups for x in g.input_ids]
-    batch = {"input_ids": pad(ids, pad_id),
-             "attention_mask": pad([[1] * len(x) for x in ids], 0),  # (N, T): 1 = real token
+    batch = {"input_ids": pad(ids, pad_id), "attention_mask": pad([[1] * len(x) for x in ids], 0),  # (N, T): 1 = real
              "sizes": [len(g.input_ids) for g in groups]}  # inputs per group
     if groups[0].token_type_ids is not None:
         batch["token_type_ids"] = pad([x for g in groups for x in g.token_type_ids], 0)
     if groups[0].targets is not None:
-        batch["labels"] = pad([t for g in groups for t in g.targets], -100)  # (N, T_target): -100 = ignored
+        batch["labels"] = pad([t for g in groups for t in g.targets], -100)  # (N, T_target): -100 is ignored
     return batch
 
 
 # -----------------------------------------------------------------------------
-# The model: a backbone (frozen under MEPT), MEPT's prompt experts, and task heads.
+# The model: a backbone (frozen under MEPT), MEPT's prompt experts, and a head per task
 
 
 def load_backbone(name_or_path):
-    """Backbone, tokenizer and family ('seq2seq' | 'encoder' | 'decoder'), from the loaded model."""
-    hf_logging.set_verbosity_error()  # "some weights were not used" etc. would bury the log lines
-    hf_logging.disable_progress_bar()  # and so would a "Loading weights" bar per load
-    looks_local = os.path.isabs(name_or_path) or name_or_path.startswith((".", "~")) or os.path.exists(name_or_path)
-    if looks_local and not os.path.isdir(name_or_path):
+    """Backbone, tokenizer and family ('seq2seq', 'encoder' or 'decoder'), read from the loaded model."""
+    hf_logging.set_verbosity_error()  # "some weights were not used" and progress bars would bury the log
+    hf_logging.disable_progress_bar()
+    local = os.path.isabs(name_or_path) or name_or_path.startswith((".", "~")) or os.path.exists(name_or_path)
+    if local and not os.path.isdir(name_or_path):
         raise UserError(f"model path {name_or_path} does not exist (or is not a folder)")
     try:
         config = AutoConfig.from_pretrained(name_or_path)
-    except (OSError, ValueError) as e:
-        if looks_local:
-            raise UserError(f"could not load a model from {name_or_path}: {str(e).splitlines()[0]}") from None
-        raise UserError(f"could not load {name_or_path!r} from the Hugging Face Hub (no network, or no such "
-                        "model); download it elsewhere and pass --model PATH, with --data_dir DIR for the data") from None
+        backbone = (AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModel).from_pretrained(name_or_path)
+        tokenizer, family = AutoTokenizer.from_pretrained(name_or_path), mept.backbone_family(backbone)
+    except (OSError, ValueError, ImportError) as e:  # mept's UnsupportedBackbone is a ValueError
+        if not local and isinstance(e, OSError):
+            raise UserError(f"could not load {name_or_path!r} from the Hugging Face Hub (no network, or no such model); "
+                            "download it elsewhere and pass --model PATH, with --data_dir DIR for the data") from None
+        raise UserError(f"unsupported backbone {name_or_path}: {str(e).splitlines()[0]}") from None
     try:
-        auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModel
-        backbone = auto.from_pretrained(name_or_path)
-        blocks = mept.find_blocks(backbone)
-    except (OSError, ValueError) as e:
-        raise UserError(f"unsupported backbone {name_or_path} ({type(config).__name__}): "
-                        f"{str(e).splitlines()[0]}") from None
-    try:
-        embed = mept.token_embeddings(backbone)  # Canine (characters) has none
-        if not isinstance(embed, nn.Embedding):
-            raise ValueError("it has no token embedding table (MEPT needs a text transformer)")
-        if config.is_encoder_decoder and getattr(config, "decoder_start_token_id", None) is None:
-            raise ValueError("its config has no decoder_start_token_id")
-        # the family: seq2seq from the config; decoder-only if its blocks attend causally (mept.is_causal)
-        family = "seq2seq" if config.is_encoder_decoder else ("decoder" if mept.is_causal(backbone) else "encoder")
-        if family == "seq2seq":  # train.py passes labels only; FSMT cannot build its decoder inputs from them
-            ids = torch.arange(4, device=backbone.device).unsqueeze(0) % embed.num_embeddings  # (1, 4)
-            try:
-                with torch.no_grad():
-                    backbone.eval()(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids[:, :2])
-            except (ValueError, RuntimeError, TypeError) as e:
-                raise ValueError(f"it fails when given labels instead of decoder inputs, as train.py calls "
-                                 f"it ({str(e).splitlines()[0]})") from None
-    except (ValueError, RuntimeError, TypeError, IndexError) as e:  # e.g. a backbone that runs one length only
-        why = str(e).splitlines()[0]
-        if not isinstance(e, ValueError):  # a crash inside the model, not one of our sentences
-            why = f"it fails on a short probe input of random tokens ({why}); train.py needs any input length"
-        raise UserError(f"unsupported backbone {name_or_path} ({type(config).__name__}): {why}") from None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    except (OSError, ValueError) as e:
-        raise UserError(f"could not load a tokenizer for {name_or_path}: {str(e).splitlines()[0]}") from None
-    rows = backbone.get_input_embeddings().num_embeddings
-    if len(tokenizer) > rows:  # token ids past the table would crash deep inside the first forward
-        raise UserError(f"the tokenizer of {name_or_path} has {len(tokenizer)} tokens but the model's embedding "
-                        f"table only {rows} rows; they do not belong together (after adding tokens, resize the embeddings)")
+        rows = backbone.get_input_embeddings().num_embeddings
+    except NotImplementedError:  # no token table: MEPT refuses such a model in a sentence of its own
+        rows = math.inf
+    if len(tokenizer) > rows:  # ids past the table would crash deep inside
+        raise UserError(f"the tokenizer of {name_or_path} has {len(tokenizer)} tokens but the model's embedding table "
+                        f"only {rows} rows; they do not belong together")
     return backbone, tokenizer, family
 
 
-class Head(nn.Module):
-    """dropout -> dense -> tanh -> dropout -> out: BERT's pooler + classifier, trained from scratch."""
-
-    def __init__(self, d_model, n_out, dropout):
-        super().__init__()
-        self.dense = nn.Linear(d_model, d_model)
-        self.out = nn.Linear(d_model, n_out)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, pooled):  # (N, D) -> (N, n_out)
-        return self.out(self.dropout(torch.tanh(self.dense(self.dropout(pooled)))))
-
-
 class TaskModel(nn.Module):
-    """`core` is MEPT(backbone), or the backbone itself (head_only, finetune); `heads` maps a task
-    to its head (empty for seq2seq: T5 scores label words with its own LM head)."""
+    """`core` is MEPT(backbone), or the backbone itself (head_only, finetune). `heads` maps a task to its head
+    (none for seq2seq: T5 scores the label words with its own LM head): one linear layer on the pooled token,
+    a linear probe, for every method; --head mlp puts BERT's pooler shape (dense, tanh) before it."""
 
-    def __init__(self, core, family, heads):
+    def __init__(self, core, family, head_names, args, d):  # d: the width of the backbone's output
         super().__init__()
-        self.core, self.family, self.heads = core, family, heads
+        self.core, self.family = core, family
+        hidden = lambda: [nn.Linear(d, d), nn.Tanh(), nn.Dropout(args.head_dropout)] if args.head == "mlp" else []  # noqa: E731
+        self.heads = nn.ModuleDict({name: nn.Sequential(nn.Dropout(args.head_dropout), *hidden(), nn.Linear(
+            d, 1 if TASKS[name].choose else len(TASKS[name].label_names))) for name in head_names if family != "seq2seq"})
 
     def forward(self, batch, task):
-        """-> (loss or None, scores): scores (N, n_labels) for classification heads, else (N,) one per input."""
+        """-> (T5's loss or None, scores): (N, n_labels) for a classification head, else (N,), one per input."""
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
         if self.family == "seq2seq":
-            out = self.core(**inputs, labels=batch["labels"])
-            labels = batch["labels"]  # (N, T_target)
-            logp = out.logits.float().log_softmax(-1)  # (N, T_target, V)
-            token_logp = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (N, T_target)
-            scores = (token_logp * (labels != -100)).sum(-1)  # (N,): log p(target | input), rank classification
-            return out.loss, scores
+            out, labels = self.core(**inputs, labels=batch["labels"]), batch["labels"]  # labels (N, T_target)
+            token_logp = out.logits.float().log_softmax(-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            return out.loss, (token_logp * (labels != -100)).sum(-1)  # (N,): log p(target | input), rank classification
         hidden = self.core(**inputs).last_hidden_state  # (N, P+T, D) under MEPT, (N, T, D) without
         if self.family == "encoder":
-            pooled = hidden[:, 0]  # (N, D): [CLS]; MEPT puts its slots right after it
-        else:
-            extra = hidden.shape[1] - batch["input_ids"].shape[1]  # P prompt slots lead the sequence, or 0
-            last = extra + batch["attention_mask"].sum(1) - 1  # (N,): last real token (right padding)
+            pooled = hidden[:, 0]  # (N, D): [CLS]; MEPT's slots sit right after it
+        else:  # the last real token (right padding); under MEPT the P slots lead the sequence
+            last = hidden.shape[1] - batch["input_ids"].shape[1] + batch["attention_mask"].sum(1) - 1  # (N,)
             pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (N, D)
-        logits = self.heads[head_key(task)](pooled).float()  # (N, n_out)
+        logits = self.heads[TASKS[task].eval_as or task](pooled).float()  # (N, n_out)
         return None, (logits[:, 0] if TASKS[task].choose else logits)
 
 
 def balanced_class_weights(groups, n_classes):
     """n / (n_classes * count_c) per class c over the labelled train groups: the mean weight per example
-    is 1, and every class carries the same total weight (sklearn's 'balanced'). (n_classes,)"""
+    is 1 and every class carries the same total weight (sklearn's 'balanced'). (n_classes,)"""
     counts = Counter(g.gold[0] for g in groups if g.gold)
-    n = sum(counts.values())
-    return torch.tensor([n / (n_classes * counts[c]) if counts[c] else 0.0 for c in range(n_classes)])
+    return torch.tensor([sum(counts.values()) / (n_classes * counts[c]) if counts[c] else 0.0 for c in range(n_classes)])
 
 
 def group_loss_and_predictions(model, batch, groups, task, class_weights=None):
-    """Run a batch; return the training loss (or None) and the predicted choice per group.
-    class_weights: (n_labels,) weights of the classification cross-entropy, or None (all 1)."""
+    """Run a batch: the training loss (None when nothing is labelled) and the predicted choice per group."""
     lm_loss, scores = model(batch, task)
-    gold = [g.gold for g in groups]
-    if scores.dim() == 2:  # classification head: one input per group, (G, n_labels)
-        preds = scores.argmax(-1).tolist()
-        labelled = [i for i, g in enumerate(gold) if g]
-        weight = class_weights.to(scores.device) if class_weights is not None else None
-        # with weights, F.cross_entropy divides by the batch's summed weight: a weighted mean
-        loss = F.cross_entropy(scores[labelled], torch.tensor([gold[i][0] for i in labelled], device=scores.device),
-                               weight=weight) if labelled else None
-        return loss, preds
-    # one score per input: pad each group's scores into a row, -inf where a group has fewer inputs
-    per_group = nn.utils.rnn.pad_sequence(list(scores.split(batch["sizes"])), batch_first=True,
-                                          padding_value=float("-inf"))  # (G, C)
-    preds = per_group.argmax(-1).tolist()
-    if lm_loss is not None:
-        return lm_loss, preds  # T5 trains with its LM loss on the gold word
-    labelled = [i for i, g in enumerate(gold) if g]
-    if not labelled:
-        return None, preds
+    labelled = [i for i, g in enumerate(groups) if g.gold]
+    if scores.dim() == 2:  # a classification head, one input per group: (G, n_labels); weights: a weighted mean
+        gold = torch.tensor([groups[i].gold[0] for i in labelled], device=scores.device)
+        weight = None if class_weights is None else class_weights.to(scores.device)
+        return (F.cross_entropy(scores[labelled], gold, weight=weight) if labelled else None), scores.argmax(-1).tolist()
+    # one score per input: each group's scores in a row, -inf where a group has fewer inputs
+    per_group = nn.utils.rnn.pad_sequence(list(scores.split(batch["sizes"])), batch_first=True, padding_value=-math.inf)
+    if lm_loss is not None or not labelled:
+        return lm_loss, per_group.argmax(-1).tolist()  # T5 trains with its LM loss on the gold word
     is_gold = torch.zeros_like(per_group, dtype=torch.bool)  # (G, C)
     for i in labelled:
-        is_gold[i, gold[i]] = True
-    # -log(sum of softmax over the gold inputs): cross-entropy for COPA, several golds for ReCoRD
+        is_gold[i, groups[i].gold] = True
+    # -log(the softmax mass on the gold inputs): cross-entropy for COPA, several golds for ReCoRD
     rows = per_group[labelled]
-    loss = (rows.logsumexp(-1) - rows.masked_fill(~is_gold[labelled], float("-inf")).logsumexp(-1)).mean()
-    return loss, preds
+    return (rows.logsumexp(-1) - rows.masked_fill(~is_gold[labelled], -math.inf).logsumexp(-1)).mean(), per_group.argmax(-1).tolist()
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints: best/ and last/ hold only what trains (mept.py's format + head.safetensors),
-# written to a temporary folder and renamed, so an interrupted save never replaces a good one.
+# Checkpoints: best/ and last/ hold only what trains (mept.py's files, head.safetensors), written to a
+# temporary folder and renamed, so that an interrupted save never replaces a good one
 
 
 def recover_checkpoint(directory):
@@ -806,7 +578,7 @@ def write_atomically(directory, write):
     write(tmp)
     if os.path.isdir(directory):
         shutil.rmtree(old, ignore_errors=True)
-        os.rename(directory, old)  # from here until the next line the good copy is directory.old
+        os.rename(directory, old)  # from here to the next line, the good copy is directory.old
     os.rename(tmp, directory)
     shutil.rmtree(old, ignore_errors=True)
 
@@ -814,523 +586,433 @@ def write_atomically(directory, write):
 def save_checkpoint(model, directory, run_config, trainer_state=None):
     def write(tmp):
         if isinstance(model.core, mept.MEPT):
-            model.core.save_pretrained(tmp)  # mept_config.json + mept_model.safetensors
-        elif run_config["method"] == "finetune":
-            # save_model, not save_file: T5 ties its embedding matrices, and save_model stores shared tensors once
+            model.core.save_pretrained(tmp)  # mept_config.json, mept_model.safetensors
+        elif run_config["method"] == "finetune":  # save_model stores T5's tied embeddings once
             save_model(model.core, os.path.join(tmp, "backbone.safetensors"))
         if len(model.heads):
-            save_file({k: v.contiguous().cpu() for k, v in model.heads.state_dict().items()},
-                      os.path.join(tmp, "head.safetensors"))
+            save_file({k: v.contiguous().cpu() for k, v in model.heads.state_dict().items()}, os.path.join(tmp, "head.safetensors"))
         with open(os.path.join(tmp, "run_config.json"), "w") as f:
             json.dump(run_config, f, indent=2)
         if trainer_state is not None:  # last/ only: what --resume needs
             torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
-
     write_atomically(directory, write)
 
 
-RESUME_FLAGS = ("dev_from_train", "max_train_samples", "max_length", "optimizer", "lr", "head_lr",
-                "backbone_lr", "weight_decay", "warmup_ratio", "lr_schedule", "max_grad_norm", "batch_size",
-                "gradient_accumulation_steps", "num_epochs", "max_steps", "group_by_length", "head_dropout",
-                "class_weights", "seed", "eval_steps", "patience")
-
-
-def training_flags(args):
-    """The flags a resumed run must share with the run it continues (saved in run_config.json): the
-    ones that shape the batches, the schedule or the stopping rule. Not --data_dir: the same files
-    may sit under another path; not --num_epochs when --max_steps sets the length."""
-    return {f"--{name}": getattr(args, name) for name in RESUME_FLAGS if not (name == "num_epochs" and args.max_steps > 0)}
-
-
 def read_run_config(directory):
-    path = os.path.join(directory, "run_config.json")
-    if not os.path.isfile(path):
+    if not os.path.isfile(os.path.join(directory, "run_config.json")):
         raise UserError(f"{directory} is not a checkpoint of this script (no run_config.json)")
-    with open(path) as f:
+    with open(os.path.join(directory, "run_config.json")) as f:
         return json.load(f)
 
 
-@torch.no_grad()
-def output_width(backbone):
-    """Width of last_hidden_state, what a head reads: hidden_size, except where a model projects its
-    output back down (OPT-350m: 1024 -> 512). A probe forward of 16 tokens (Funnel pools shorter ones
-    away), in eval mode (no dropout, so the seeded random stream is untouched), tells."""
-    was_training = backbone.training
-    ids = torch.arange(16, device=backbone.device).unsqueeze(0) % backbone.get_input_embeddings().num_embeddings  # (1, 16)
-    try:
-        backbone.eval()
-        return backbone(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state.shape[-1]
-    finally:
-        backbone.train(was_training)
-
-
-def build_model(backbone, family, method, mept_config, head_names, head_dropout, checkpoint=None):
-    """Wrap the backbone for the method, add heads, and (optionally) restore a checkpoint's weights."""
+def build_model(backbone, family, method, mept_config, head_names, args, checkpoint=None):
+    """Wrap the backbone for the method, add the heads, and restore a checkpoint's weights if one is given."""
     if method in mept.PRESETS:
         try:
             core = mept.MEPT.from_pretrained(backbone, checkpoint) if checkpoint else mept.MEPT(backbone, mept_config)
         except ValueError as e:  # mept.py speaks of MEPTConfig fields; here they are flags
-            what = f"checkpoint {checkpoint} does not fit this backbone" if checkpoint else "impossible MEPT settings"
-            raise UserError(f"{what}: {e}".replace("layers=[0]", "--layers 0")) from None
+            what = "unsupported backbone: " if isinstance(e, mept.UnsupportedBackbone) else "" if checkpoint else "impossible MEPT settings: "
+            raise UserError(what + str(e).replace("layers=[0]", "--layers 0")) from None
     else:
-        core = backbone
-        backbone.requires_grad_(method == "finetune")  # head_only: a linear probe on a frozen backbone
+        core = backbone.requires_grad_(method == "finetune")  # head_only: a linear probe on a frozen backbone
         if checkpoint and method == "finetune":
             load_model(backbone, os.path.join(checkpoint, "backbone.safetensors"))
-    heads = nn.ModuleDict()
-    if family != "seq2seq":
-        d_model = output_width(backbone)
-        for name in head_names:
-            heads[name] = Head(d_model, 1 if TASKS[name].choose else len(TASKS[name].label_names), head_dropout)
-    if checkpoint and len(heads):
-        path = os.path.join(checkpoint, "head.safetensors")
-        saved = load_file(path) if os.path.isfile(path) else {}
-        for name, head in heads.items():
-            weights = {k.split(".", 1)[1]: v for k, v in saved.items() if k.split(".", 1)[0] == name}
-            if not weights:
-                raise UserError(f"checkpoint {checkpoint} has no head for {name}")
-            head.load_state_dict(weights)
-    return TaskModel(core, family, heads)
-
-
-def parameter_groups(model, args):
-    """Separate learning rates: prompts + routers, the head, and (finetune) the backbone."""
-    prompts, backbone = [], []
-    for name, p in model.core.named_parameters():
-        if p.requires_grad:
-            (backbone if name.startswith("backbone.") or not isinstance(model.core, mept.MEPT) else prompts).append(p)
-    groups = [dict(params=prompts, lr=args.lr, name="prompts"),
-              dict(params=[p for p in model.heads.parameters()], lr=args.head_lr, name="head"),
-              dict(params=backbone, lr=args.backbone_lr, name="backbone")]
-    return [g for g in groups if g["params"]]
+    model = TaskModel(core, family, head_names, args, backbone.config.hidden_size)
+    if checkpoint and len(model.heads):
+        model.heads.load_state_dict(load_file(os.path.join(checkpoint, "head.safetensors")))
+    return model
 
 
 # -----------------------------------------------------------------------------
-# Evaluation: scores every row of a split, the official metrics, and the expert load per layer.
+# Evaluation: every row of a split scored, the official metrics, and the routing's health
+
+
+def routing_health(experts, n_experts, gold=None, n_classes=1):
+    """One routed block on a split, from the top expert of each example: the entropy of the expert load in
+    bits (log2 E: a uniform load; 0: one expert takes all), the share of the busiest expert (above 0.9:
+    collapsed) and, given gold classes, the mutual information in bits between expert and class (0: the
+    routing knows nothing of the label)."""
+    joint = torch.zeros(n_experts, max(n_classes, 1))  # (E, C): how many examples of class c took expert e
+    for e, c in zip(experts, gold or [0] * len(experts)):
+        joint[e, c] += 1
+    p = joint / joint.sum()  # (E, C)
+    bits = lambda q: abs((q[q > 0] * q[q > 0].log2()).sum().item())  # noqa: E731  (the entropy of a distribution)
+    health = {"load_entropy": bits(p.sum(1)), "top_share": p.sum(1).max().item()}
+    return health | ({"mutual_information": bits(p.sum(1)) + bits(p.sum(0)) - bits(p.flatten())} if gold else {})
 
 
 @torch.no_grad()
 def evaluate(model, name, rows, groups, pad_id, args, device, autocast):
-    """-> (metrics or None for unlabelled rows, predictions per row, expert load {layer: counts})."""
+    """-> (the official metrics, or None for unlabelled rows; the prediction per row; per routed block,
+    the load over the experts, every top-k choice counted, and routing_health)."""
     model.eval()
-    task, preds = TASKS[name], [None] * len(rows)
-    load = defaultdict(lambda: [0] * model.core.config.n_experts) if isinstance(model.core, mept.MEPT) else {}
+    task, preds, picks = TASKS[name], [None] * len(rows), defaultdict(dict)  # picks[layer][row]: its experts
     for indices in make_batches(groups, args.eval_batch_size):
         batch_groups = [groups[i] for i in indices]
+        batch = collate(batch_groups, pad_id, device)
         with autocast():
-            _, choices = group_loss_and_predictions(model, collate(batch_groups, pad_id, device), batch_groups, name)
+            _, choices = group_loss_and_predictions(model, batch, batch_groups, name)
+        first = [sum(batch["sizes"][:i]) for i in range(len(batch_groups))]  # each group's first input
         for g, choice in zip(batch_groups, choices):
             preds[g.row] = choice if task.label_names else rows[g.row]["entities"][choice]
         for layer, routing in getattr(model.core, "routing", {}).items():
-            for e in routing.expert_idx.flatten().tolist():
-                load[layer][e] += 1
+            picks[layer].update(zip([g.row for g in batch_groups], routing.expert_idx[first].tolist()))
     labelled = all(r["label"] >= 0 for r in rows) if task.label_names else all(r["answers"] for r in rows)
-    metrics = task.metrics(task, rows, preds) if labelled else None
-    return metrics, preds, {str(k): v for k, v in sorted(load.items())}
+    routing = {}
+    for layer, by_row in sorted(picks.items()):
+        n_experts, order = model.core.config.n_experts, sorted(by_row)
+        load, classes = Counter(e for experts in by_row.values() for e in experts), labelled and not task.choose
+        routing[str(layer)] = {"load": [load[e] for e in range(n_experts)], **routing_health(
+            [by_row[r][0] for r in order], n_experts, [rows[r]["label"] for r in order] if classes else None, len(task.label_names))}
+    return (task.metrics(rows, preds) if labelled else None), preds, routing
 
 
 def write_predictions(path, name, rows, preds):
-    """SuperGLUE leaderboard jsonl: {"idx", "label"} per row; MultiRC nested per paragraph/question."""
-    task = TASKS[name]
+    """The leaderboard's jsonl: {"idx", "label"} per row; MultiRC nested by paragraph and question."""
+    submit = TASKS[name].submit or (lambda i: TASKS[name].label_names[i])  # default: the class name
+    lines = [{"idx": r["idx"]["query"] if name == "record" else r["idx"], "label": submit(p)} for r, p in zip(rows, preds)]
+    if name == "multirc":  # the answers go back under their question and paragraph
+        nested = defaultdict(lambda: defaultdict(list))
+        for line in lines:
+            nested[line["idx"]["paragraph"]][line["idx"]["question"]].append({"idx": line["idx"]["answer"], "label": line["label"]})
+        lines = [{"idx": p, "passage": {"questions": [{"idx": q, "answers": a} for q, a in qs.items()]}} for p, qs in nested.items()]
     with open(path + ".tmp", "w") as f:
-        if name == "multirc":  # answers grouped back under their question and paragraph
-            nested = defaultdict(lambda: defaultdict(list))
-            for row, pred in zip(rows, preds):
-                nested[row["idx"]["paragraph"]][row["idx"]["question"]].append(
-                    {"idx": row["idx"]["answer"], "label": task.submit(pred)})
-            for p, questions in nested.items():
-                qs = [{"idx": q, "answers": answers} for q, answers in questions.items()]
-                f.write(json.dumps({"idx": p, "passage": {"questions": qs}}) + "\n")
-        else:
-            for row, pred in zip(rows, preds):
-                idx = row["idx"]["query"] if isinstance(row["idx"], dict) else row["idx"]
-                f.write(json.dumps({"idx": idx, "label": task.submit(pred)}) + "\n")
+        f.writelines(json.dumps(line) + "\n" for line in lines)
     os.replace(path + ".tmp", path)
+
+
+# -----------------------------------------------------------------------------
+# The recipe's five steps, in the order main() takes them
+
+
+@dataclass
+class Run:
+    """What the steps hand on: the checked flags, then the data, then the model and its surroundings."""
+    args: argparse.Namespace
+    names: list  # the tasks
+    out: str  # the output folder
+    method: str
+    mept_config: Optional[mept.MEPTConfig]
+    saved: Optional[dict]  # run_config.json of --checkpoint, or of last/ when resuming
+    data: dict = None  # task -> split -> rows; the splits: train, dev (the slice of train), report, test
+    encoded: dict = None  # task -> split -> Groups
+    model: nn.Module = None
+    family: str = None
+    run_config: dict = None
+    pad_id: int = 0
+    device: torch.device = None
+    autocast: Callable = None
+    trained: dict = None  # the loop's counters: best_epoch, best_step, steps
+
+    def evaluate(self, split):
+        """({task: metrics}, {task: predictions}, {task: routing}) on one split of every task that has it."""
+        found = {n: evaluate(self.model, n, self.data[n][split], self.encoded[n][split], self.pad_id, self.args,
+                             self.device, self.autocast) for n in self.names if split in self.data[n]}
+        return tuple({n: r[i] for n, r in found.items()} for i in range(3))
+
+
+SAME_RUN = {"data_dir", "output_dir", "overwrite_output_dir", "resume", "eval_only", "checkpoint", "predict", "device",
+            "precision", "eval_batch_size", "max_eval_samples"}  # the flags --resume may change: they shape no step
+
+
+def parse_args(argv):
+    """Step 1: the flags, checked before anything on disk is touched; a bad one is a UserError."""
+    args = build_parser().parse_args(argv)
+    names = list(dict.fromkeys(ALIASES.get(t.strip().lower(), t.strip().lower()) for t in args.task.split(",") if t.strip()))
+    if not names or any(n not in TASKS for n in names):
+        raise UserError(f"unknown task {next((n for n in names if n not in TASKS), args.task)!r}; choose from "
+                        f"{', '.join(sorted(TASKS))} or a comma list of them")
+    diagnostic = next((n for n in names if TASKS[n].eval_as), None)
+    out = args.output_dir or os.path.join("out", f"{'_'.join(names)}_{'eval' if args.eval_only else args.method}")
+    old = next((f for f in ("results.json", "log.jsonl", "best") if os.path.exists(os.path.join(out, f))), None)
+    for wrong, sentence in [  # (what is wrong, the sentence that says so)
+            (diagnostic and not args.eval_only, f"{diagnostic} is a diagnostic without training data: train on rte, "
+             f"then run --task {diagnostic} --eval_only --checkpoint <rte output_dir>/best"),
+            (args.eval_only and not args.checkpoint, "--eval_only needs --checkpoint DIR (a best/ folder of a run)"),
+            (args.checkpoint and not args.eval_only, "--checkpoint is for --eval_only; to continue a run use --resume"),
+            (args.resume and args.eval_only, "--resume and --eval_only exclude each other"),
+            (args.checkpoint and not os.path.isdir(str(args.checkpoint)), f"checkpoint folder {args.checkpoint} does not exist"),
+            (not args.eval_only and not (args.max_steps or args.num_epochs), "nothing to train: --num_epochs and "
+             "--max_steps are both 0; give one of them a positive value"),
+            (os.path.exists(out) and not os.path.isdir(out), f"--output_dir {out} is a file, not a folder"),
+            (old and not (args.resume or args.overwrite_output_dir), f"{out} already holds a run ({old}); pass --resume, "
+             "--overwrite_output_dir or another --output_dir")]:
+        if wrong:
+            raise UserError(sentence)
+    saved = read_run_config(args.checkpoint) if args.checkpoint else None
+    untrained = [TASKS[n].eval_as or n for n in names if saved and (TASKS[n].eval_as or n) not in saved["tasks"]]
+    if untrained:  # a T5 checkpoint has no head per task that would refuse
+        raise UserError(f"checkpoint {args.checkpoint} was trained on {','.join(saved['tasks'])}, not on {untrained[0]}; "
+                        "evaluate it on the tasks it learned")
+    if args.resume:
+        for folder in ("last", "best"):
+            recover_checkpoint(os.path.join(out, folder))
+        if not os.path.isfile(os.path.join(out, "last", "trainer_state.pt")):
+            raise UserError(f"nothing to resume: {os.path.join(out, 'last')} holds no checkpoint")
+        saved = read_run_config(os.path.join(out, "last"))
+        now = {k: v for k, v in vars(args).items() if k not in SAME_RUN and not (k == "num_epochs" and args.max_steps)}
+        changed = next((k for k, v in now.items() if saved["args"].get(k, v) != v), None)  # another flag: another run
+        if changed:
+            raise UserError(f"--resume continues the run in {out}, which used --{changed} {saved['args'][changed]}, not "
+                            f"{now[changed]}; pass the same flags as that run")
+    method = saved["method"] if args.eval_only else args.method
+    overrides = {k: getattr(args, k) for k in ("n_experts", "prompt_len", "top_k", "router_noise", "shared_expert",
+                                               "balance_coef", "init") if getattr(args, k) is not None}
+    if args.layers is not None and not re.fullmatch(r"all|\d+(,\d+)*", args.layers):
+        raise UserError(f"--layers must be 'all' or a comma list of block indices, got {args.layers!r}")
+    if args.layers is not None:
+        overrides["layers"] = None if args.layers == "all" else [int(x) for x in args.layers.split(",")]
+    try:
+        config = mept.MEPTConfig.preset(method, **overrides) if method in mept.PRESETS and not args.eval_only else None
+    except ValueError as e:
+        raise UserError(f"impossible MEPT settings: {e}") from None
+    prompt_len = config.prompt_len if config else ((saved or {}).get("mept") or {}).get("prompt_len", 0)
+    if args.max_length - prompt_len < 8:
+        raise UserError(f"prompt_len {prompt_len} leaves no room within max_length {args.max_length}; lower "
+                        "--prompt_len or raise --max_length")
+    return Run(args, names, out, method, config, saved)
+
+
+def load_data(run):
+    """Step 2: the rows of every split the protocol needs: train and its dev slice, the reported split
+    (validation; a diagnostic's own labelled file) and, for --predict, test."""
+    args, take = run.args, lambda rows, n: rows[:n] if n > 0 else rows  # noqa: E731
+    run.data = {name: {} for name in run.names}
+    for name, splits in run.data.items():
+        task = TASKS[name]
+        if not task.eval_as and not args.eval_only:
+            train_rows, dev = load_split(task, "train", args.data_dir), []
+            if args.dev_from_train > 0:  # a MultiRC question's answers stay together
+                group = lambda r: json.dumps(r["idx"] if name != "multirc" else [r["idx"]["paragraph"], r["idx"]["question"]])  # noqa: E731
+                train_rows, dev = split_off_dev(train_rows, args.dev_from_train, args.seed, group)
+                splits["dev"] = take(dev, args.max_eval_samples)
+            if not train_rows:
+                raise UserError(f"--dev_from_train {args.dev_from_train} leaves no {name} rows to train on (every row "
+                                "went to dev); lower it or use more training data")
+            splits["train"] = take(train_rows, args.max_train_samples)
+        splits["report"] = take(load_split(task, "test" if task.eval_as else "validation", args.data_dir), args.max_eval_samples)
+        if args.predict:
+            splits["test"] = take(load_split(task, "test", args.data_dir), args.max_eval_samples)
+
+
+def build(run):
+    """Step 3: seed, device, backbone, MEPT (or not), heads; from a checkpoint, its weights. Every split is
+    then encoded once."""
+    args = run.args
+    set_seed(args.seed)
+    run.device = pick_device(args.device)
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and run.device.type == "cuda" and torch.cuda.is_bf16_supported())
+    run.autocast = lambda: torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=bf16)
+    name = args.model or (run.saved["model"] if run.saved else "t5-base")
+    backbone, tokenizer, run.family = load_backbone(name)
+    limit = min(tokenizer.model_max_length, getattr(backbone.config, "max_position_embeddings", None) or math.inf)
+    weighted = args.class_weights == "balanced" and not args.eval_only
+    for wrong, sentence in [
+            (run.saved and run.saved["family"] != run.family, f"{name} is a {run.family}, but the run in "
+             f"{args.checkpoint or run.out} trained a {(run.saved or {}).get('family')}; use the model it trained"),
+            (args.max_length > limit, f"--max_length {args.max_length} exceeds the {limit} positions of {name}"),
+            (run.family == "seq2seq" and run.method == "head_only", "--method head_only needs a task head, and a seq2seq "
+             "backbone (T5) has none: it scores the label words with its LM head; use an encoder or a decoder"),
+            (weighted and run.family == "seq2seq", "--class_weights balanced weights a classification head, and seq2seq "
+             "backbones (T5) train on label words instead; drop the flag or use an encoder or a decoder"),
+            (weighted and all(TASKS[n].choose for n in run.names), f"--class_weights balanced has nothing to weight: "
+             f"{', '.join(run.names)} pick a candidate rather than a class; drop the flag")]:
+        if wrong:
+            raise UserError(sentence)
+    run.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    heads, checkpoint = sorted({TASKS[n].eval_as or n for n in run.names}), args.checkpoint
+    run.model = build_model(backbone, run.family, run.method, run.mept_config, heads, args,
+                            os.path.join(run.out, "last") if args.resume else checkpoint).to(run.device)
+    run.mept_config = run.model.core.config if isinstance(run.model.core, mept.MEPT) else None
+    run.run_config = {"model": name, "family": run.family, "method": run.method, "tasks": run.names, "heads": heads,
+                      "mept": asdict(run.mept_config) if run.mept_config else None, "args": vars(args)}
+    print(f"{name} ({run.family}) | method {run.method} | {mept.parameters_line(run.model)}", flush=True)
+    budget = args.max_length - (run.mept_config.prompt_len if run.mept_config else 0)  # tokens beside the slots
+    run.encoded = {n: {split: encode_rows(n, rows, run.family, tokenizer, budget, training=split == "train")
+                       for split, rows in splits.items()} for n, splits in run.data.items()}
+
+
+def train(run):
+    """Step 4, the loop: single-task batches in a seeded order across tasks, gradient accumulation,
+    clipping, linear warmup and decay; an evaluation every epoch (or --eval_steps) that keeps best/ by the
+    selection score (the dev slice of train) and saves last/ for --resume."""
+    args, model = run.args, run.model
+    groups = {n: run.encoded[n]["train"] for n in run.names}
+    weights = {n: balanced_class_weights(groups[n], len(TASKS[n].label_names))
+               if args.class_weights == "balanced" and not TASKS[n].choose else None for n in run.names}
+
+    def epoch_batches(epoch):  # the order depends on (seed, epoch) alone, so that a resumed run replays it
+        batches = [(n, b) for n in run.names for b in make_batches(groups[n], args.batch_size, f"{args.seed}-{epoch}-{n}")]
+        return random.Random(args.seed * 1000 + epoch).sample(batches, len(batches))
+
+    per_epoch = math.ceil(len(epoch_batches(0)) / args.gradient_accumulation_steps)  # optimizer steps
+    total = args.max_steps or per_epoch * args.num_epochs
+    optimizer, schedule = optimizer_and_schedule(run, total)
+    state = dict(epoch=0, batches_done=0, step=0, best_score=-math.inf, best_epoch=None, best_step=None, bad_evals=0,
+                 log_lines=0, elapsed=0.0)
+    if args.resume:  # the optimizer, the schedule, the random stream and the counters, as they were saved
+        saved = torch.load(os.path.join(run.out, "last", "trainer_state.pt"), weights_only=False)
+        optimizer.load_state_dict(saved["optimizer"])
+        schedule.load_state_dict(saved["schedule"])
+        torch.set_rng_state(saved["torch_rng"])
+        state = saved["state"]
+        with open(os.path.join(run.out, "log.jsonl")) as f:  # forget the evaluations after the checkpoint
+            kept = f.readlines()[:state["log_lines"]]
+    for stale in ("log.jsonl", "results.json", "best", "last") if not args.resume else ():  # a clean slate
+        path = os.path.join(run.out, stale)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path) if os.path.exists(path) else None
+    os.makedirs(run.out, exist_ok=True)
+    with open(os.path.join(run.out, "log.jsonl"), "w") as f:
+        f.writelines(kept if args.resume else [])
+    run.clock, losses, bar = time.time() - state["elapsed"], [], tqdm(total=total, initial=state["step"], disable=None)
+    patience_out = lambda: bool(args.patience) and state["bad_evals"] >= args.patience  # noqa: E731
+    while state["step"] < total and not patience_out():  # a resumed run that was out of patience stops at once
+        batches = epoch_batches(state["epoch"])
+        model.train()
+        for i in range(state["batches_done"], len(batches)):
+            name, indices = batches[i]
+            batch_groups = [groups[name][j] for j in indices]
+            with run.autocast():
+                loss, _ = group_loss_and_predictions(model, collate(batch_groups, run.pad_id, run.device), batch_groups,
+                                                     name, weights[name])
+                loss = loss + getattr(model.core, "aux_loss", 0.0)  # MEPT's balance term (0 unless asked for)
+            (loss / args.gradient_accumulation_steps).backward()
+            losses.append(loss.item())
+            if (i + 1) % args.gradient_accumulation_steps and i + 1 < len(batches):
+                continue  # accumulate: a step on every accum-th batch and on the epoch's last
+            if args.max_grad_norm > 0 and args.optimizer == "adamw":  # Adafactor clips on its own
+                nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.max_grad_norm)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.update(step=state["step"] + 1, batches_done=i + 1)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{schedule.get_last_lr()[0]:.2e}")
+            end_of_epoch = i + 1 == len(batches)
+            if end_of_epoch:
+                state.update(epoch=state["epoch"] + 1, batches_done=0)
+            if end_of_epoch or state["step"] == total or (args.eval_steps and state["step"] % args.eval_steps == 0):
+                epoch = state["epoch"] if end_of_epoch else round(state["epoch"] + (i + 1) / len(batches), 2)
+                evaluate_and_save(run, state, optimizer, schedule, epoch, sum(losses) / len(losses))
+                losses = []
+                model.train()
+                if state["step"] == total or patience_out():
+                    break
+    bar.close()
+    run.trained = {k: state[k] for k in ("best_epoch", "best_step")} | {"steps": state["step"]}
+
+
+def optimizer_and_schedule(run, total):
+    """AdamW (or Adafactor) over three groups with their own learning rates: MEPT's prompts and routers, the
+    heads and (finetune) the backbone; a linear warmup to the full rate, then a linear decay to 0."""
+    args, core = run.args, run.model.core
+    is_prompt = lambda name: isinstance(core, mept.MEPT) and not name.startswith("backbone.")  # noqa: E731
+    trained = [(n, p) for n, p in core.named_parameters() if p.requires_grad]
+    groups = [g for g in [dict(params=[p for n, p in trained if is_prompt(n)], lr=args.lr),
+                          dict(params=list(run.model.heads.parameters()), lr=args.head_lr),
+                          dict(params=[p for n, p in trained if not is_prompt(n)], lr=args.backbone_lr)] if g["params"]]
+    optimizer = Adafactor(groups, lr=args.lr, relative_step=False, scale_parameter=False, warmup_init=False,
+                          weight_decay=args.weight_decay) if args.optimizer == "adafactor" else \
+        torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)  # Adafactor: under our schedule
+    warmup = math.ceil(args.warmup_ratio * total)
+    decay = lambda step: 1.0 if args.lr_schedule == "constant" else max(0.0, (total - step) / max(1, total - warmup))  # noqa: E731
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup else decay(s))
+
+
+def evaluate_and_save(run, state, optimizer, schedule, epoch, loss):
+    """One evaluation: a line on screen and in log.jsonl, best/ when the selection score improved, last/."""
+    report, _, routing = run.evaluate("report")
+    select = run.evaluate("dev")[0] if run.args.dev_from_train > 0 else report  # the dev slice of train chooses
+    entry = {"epoch": epoch, "step": state["step"], "loss": loss, "lr": schedule.get_last_lr()[0], "metrics": report,
+             "dev_metrics": select, "elapsed": round(time.time() - run.clock, 2), "routing": routing}
+    score = sum(task_score(m) for m in select.values()) / len(select)
+    improved, state["bad_evals"] = score > state["best_score"], state["bad_evals"] + 1
+    if improved:
+        state.update(best_score=score, best_epoch=epoch, best_step=state["step"], bad_evals=0)
+        save_checkpoint(run.model, os.path.join(run.out, "best"), run.run_config)
+    with open(os.path.join(run.out, "log.jsonl"), "a") as f:
+        f.write(json.dumps(entry) + "\n")
+    state.update(log_lines=state["log_lines"] + 1, elapsed=time.time() - run.clock)
+    tqdm.write(f"epoch {epoch} | step {state['step']} | loss {loss:.4f} | lr {entry['lr']:.2e} | " + " | ".join(
+        f"{n} {format_metrics(m)}" for n, m in report.items()) + f"{' | best' if improved else ''} | {entry['elapsed']:.0f}s")
+    save_checkpoint(run.model, os.path.join(run.out, "last"), run.run_config, trainer_state={
+        "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "torch_rng": torch.get_rng_state(),
+        "state": dict(state)})
+
+
+def report(run, started):
+    """Step 5: best/ reloaded (which proves that it round-trips), its official metrics on the reported split,
+    test predictions for --predict, results.json; the last line printed is the number to quote."""
+    args, core = run.args, run.model.core
+    if not args.eval_only:  # the numbers come from best/
+        core = core.remove() if isinstance(core, mept.MEPT) else core
+        run.model = build_model(core, run.family, run.method, None, run.run_config["heads"], args,
+                                os.path.join(run.out, "best")).to(run.device)
+    metrics, preds, routing = run.evaluate("report")
+    results = {"args": vars(args), "versions": package_versions(), **run.run_config, **(run.trained or {}),
+               "trainable_params": mept.parameters_line(run.model), "metrics": metrics, "routing": routing,
+               "report_split": "test (labelled diagnostic)" if any(TASKS[n].eval_as for n in run.names) else "validation",
+               "selected_on": "train slice (--dev_from_train)" if args.dev_from_train > 0 else "validation",
+               "n_rows": {n: {s: len(r) for s, r in splits.items()} for n, splits in run.data.items()},
+               # how often each class is predicted: a class never predicted (CB's neutral) caps macro-F1
+               "predicted": {n: {label: p.count(i) for i, label in enumerate(TASKS[n].label_names)}
+                             for n, p in preds.items() if TASKS[n].label_names and not TASKS[n].choose},
+               "wall_time_seconds": round(time.time() - started, 1)}
+    if isinstance(run.model.core, mept.MEPT):
+        results["prompt_params"] = run.model.core.prompt_param_counts()
+    if not args.eval_only:
+        with open(os.path.join(run.out, "log.jsonl")) as f:
+            results["last_metrics"] = [json.loads(line) for line in f][-1]["metrics"]
+    os.makedirs(run.out, exist_ok=True)
+    if args.predict:  # the leaderboard's own file names (CB.jsonl, AX-b.jsonl, ...): zip them as they are
+        for n, p in run.evaluate("test")[1].items():
+            write_predictions(os.path.join(run.out, f"{TASKS[n].folder}.jsonl"), n, run.data[n]["test"], p)
+    with open(os.path.join(run.out, "results.json.tmp"), "w") as f:
+        json.dump(results, f, indent=2, default=str)
+    os.replace(os.path.join(run.out, "results.json.tmp"), os.path.join(run.out, "results.json"))
+    for n, blocks in [(n, b) for n, b in routing.items() if b]:  # the routing's health, a line per task
+        entropy, mi = [b["load_entropy"] for b in blocks.values()], [b.get("mutual_information", 0) for b in blocks.values()]
+        print(f"routing | {n} | {sum(b['top_share'] > 0.9 for b in blocks.values())} of {len(blocks)} blocks collapsed "
+              f"(top expert > 90%) | load entropy {min(entropy):.2f}-{max(entropy):.2f} of {math.log2(run.mept_config.n_experts):.2f} "
+              f"bits | expert-label MI up to {max(mi):.3f} bits")
+    chosen = f"checkpoint {args.checkpoint}" if args.eval_only else \
+        f"best epoch {results['best_epoch']} (selected on {results['selected_on']})"
+    shown = " | ".join(f"{n} {results['report_split']} {format_metrics(m)}" for n, m in metrics.items())
+    print(f"final | {chosen} | {shown} | {results['wall_time_seconds']:.0f}s", flush=True)
+    return results
 
 
 def format_metrics(metrics):
     return " ".join(f"{k} {100 * v:.2f}" for k, v in metrics.items())
 
 
-# -----------------------------------------------------------------------------
-# main: arguments -> data -> model -> loop (train, evaluate, checkpoint) -> final results
-
-
-ALIASES = {"wsc.fixed": "wsc", "ax-b": "axb", "ax-g": "axg"}
-
-
-def parse_tasks(spec):
-    # the Hub's config names are accepted too: wsc.fixed (what we load) and wsc (the unfixed one) both mean WSC
-    names = list(dict.fromkeys(ALIASES.get(t.strip().lower(), t.strip().lower()) for t in spec.split(",") if t.strip()))
-    unknown = [n for n in names if n not in TASKS]
-    if unknown or not names:
-        raise UserError(f"unknown task {unknown[0] if unknown else spec!r}; choose from {', '.join(sorted(TASKS))} "
-                        "or a comma list of them")
-    return names
-
-
-def mept_config_from_args(args):
-    overrides = {k: getattr(args, k) for k in ("n_experts", "prompt_len", "top_k", "router_noise",
-                                               "shared_expert", "balance_coef", "init") if getattr(args, k) is not None}
-    if args.layers is not None:
-        try:
-            overrides["layers"] = None if args.layers == "all" else [int(x) for x in args.layers.split(",")]
-        except ValueError:
-            raise UserError(f"--layers must be 'all' or a comma list of block indices, got {args.layers!r}") from None
-    try:
-        return mept.MEPTConfig.preset(args.method, **overrides)
-    except ValueError as e:
-        raise UserError(f"impossible MEPT settings: {e}") from None
-
-
 def pick_device(choice):
-    if choice == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
-    if choice not in ("cpu", "cuda", "mps"):
+    found = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    if choice not in found and choice != "auto":
         raise UserError(f"--device must be auto, cpu, cuda or mps, got {choice!r}")
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if not available[choice]:
+    if choice != "auto" and not found[choice]:
         raise UserError(f"--device {choice} is not available on this machine; try --device auto")
-    return torch.device(choice)
+    return torch.device(next(d for d, ok in found.items() if ok) if choice == "auto" else choice)
 
 
 def package_versions():
-    from importlib.metadata import PackageNotFoundError, version
+    from importlib.metadata import version
+    return {"python": sys.version.split()[0], **{p: version(p) for p in ("torch", "transformers", "datasets", "tqdm")}}
 
-    found = {"python": sys.version.split()[0]}
-    for package in ("torch", "transformers", "datasets", "safetensors", "tqdm"):
-        try:
-            found[package] = version(package)
-        except PackageNotFoundError:
-            found[package] = None
-    return found
+
+# -----------------------------------------------------------------------------
+# main: the recipe
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    """Check the flags, load the data, build the model, train it, evaluate and report."""
     started = time.time()
-
-    # --- 1. check the request before touching anything on disk ---
-    names = parse_tasks(args.task)
-    if args.eval_only and not args.checkpoint:
-        raise UserError("--eval_only needs --checkpoint DIR (a best/ folder of a training run)")
-    if args.checkpoint and not args.eval_only:
-        raise UserError("--checkpoint is for --eval_only; to continue a run use --resume")
-    if args.resume and args.eval_only:
-        raise UserError("--resume and --eval_only exclude each other")
-    diagnostics = [n for n in names if TASKS[n].diagnostic]
-    if diagnostics and not args.eval_only:
-        raise UserError(f"{diagnostics[0]} is a diagnostic without training data: train on rte, then run "
-                        f"--task {diagnostics[0]} --eval_only --checkpoint <rte output_dir>/best")
-    for flag in ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "max_length"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    if not 0 <= args.dev_from_train < 1:
-        raise UserError(f"--dev_from_train must be in [0, 1), got {args.dev_from_train}")
-    training_checks = [] if args.eval_only else [  # (flag, holds, rule): only what would crash or mislead
-        ("lr", args.lr >= 0, "at least 0"), ("head_lr", args.head_lr >= 0, "at least 0"),
-        ("backbone_lr", args.backbone_lr >= 0, "at least 0"), ("weight_decay", args.weight_decay >= 0, "at least 0"),
-        ("warmup_ratio", 0 <= args.warmup_ratio <= 1, "in [0, 1]")]
-    checks = training_checks + [
-        ("max_grad_norm", args.max_grad_norm >= 0, "at least 0 (0 = no clipping)"),
-        ("head_dropout", 0 <= args.head_dropout < 1, "in [0, 1)"),
-        ("eval_steps", args.eval_steps >= 0, "at least 0 (0 = once per epoch)"),
-        ("patience", args.patience >= 0, "at least 0 (0 = off)"),
-        ("max_train_samples", args.max_train_samples >= 0, "at least 0 (0 = all)"),
-        ("max_eval_samples", args.max_eval_samples >= 0, "at least 0 (0 = all)")]
-    for flag, ok, rule in checks:
-        if not ok:
-            raise UserError(f"--{flag} must be {rule}, got {getattr(args, flag)}")
-    if not args.eval_only and args.max_steps <= 0 and args.num_epochs <= 0:
-        raise UserError(f"nothing to train: --num_epochs {args.num_epochs} and --max_steps {args.max_steps}; "
-                        "give one of them a positive value")
-    if args.checkpoint and not os.path.isdir(args.checkpoint):
-        raise UserError(f"checkpoint folder {args.checkpoint} does not exist")
-    saved_run = read_run_config(args.checkpoint) if args.checkpoint else None
-    if saved_run:  # a T5 checkpoint has no per-task head that would refuse a task it never learned
-        untrained = [n for n in names if (TASKS[n].eval_as or n) not in saved_run.get("tasks", [])]
-        if untrained:
-            raise UserError(f"checkpoint {args.checkpoint} was trained on {','.join(saved_run.get('tasks', []))}, "
-                            f"not on {TASKS[untrained[0]].eval_as or untrained[0]}; evaluate it on the tasks it learned")
-    out = args.output_dir or os.path.join("out", f"{'_'.join(names)}_{'eval' if args.eval_only else args.method}")
-    last_dir, best_dir = os.path.join(out, "last"), os.path.join(out, "best")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UserError(f"--output_dir {out} is a file, not a folder")
-    if args.resume:
-        recover_checkpoint(last_dir)
-        recover_checkpoint(best_dir)
-    if args.resume and not os.path.isfile(os.path.join(last_dir, "trainer_state.pt")):
-        raise UserError(f"nothing to resume: {last_dir} holds no checkpoint")
-    resumed_run = read_run_config(last_dir) if args.resume else None
-    old_run = [f for f in ("results.json", "log.jsonl", "best") if os.path.exists(os.path.join(out, f))]
-    if old_run and not (args.resume or args.overwrite_output_dir):
-        raise UserError(f"{out} already holds a run ({old_run[0]}); pass --resume, --overwrite_output_dir "
-                        "or another --output_dir")
-    if saved_run:  # --eval_only: the method and MEPT settings are the checkpoint's
-        method, mept_config = saved_run["method"], None
-        prompt_len = (saved_run["mept"] or {}).get("prompt_len", 0)
-    else:
-        method = args.method
-        mept_config = mept_config_from_args(args) if method in mept.PRESETS else None
-        prompt_len = mept_config.prompt_len if mept_config else 0
-    if resumed_run:  # the saved run decides; a different flag would continue some other run
-        before = resumed_run
-        same_path = lambda m: os.path.realpath(m) if os.path.isdir(m) else m  # noqa: E731  (a folder under another path)
-        now = {"--model": same_path(args.model or "t5-base"), "--method": method, "--task": names,
-               "MEPT flags": asdict(mept_config) if mept_config else None, **training_flags(args)}
-        saved = {"--model": same_path(before["model"]), "--method": before["method"], "--task": before["tasks"],
-                 "MEPT flags": before["mept"], **before.get("training", {})}
-        changed = [k for k in now if k in saved and saved[k] != now[k]]
-        if changed:
-            raise UserError(f"--resume continues the run in {out}, which used {changed[0]} {saved[changed[0]]}, "
-                            f"not {now[changed[0]]}; pass the same flags as that run")
-    budget = args.max_length - prompt_len  # tokens left for the input after the prompt slots
-    if budget < 8:
-        raise UserError(f"prompt_len {prompt_len} leaves no room within max_length {args.max_length} "
-                        f"({budget} tokens for the input); lower --prompt_len or raise --max_length")
-
-    # --- 2. data: one schema for both sources; splits as the protocol needs them ---
-    take = lambda rows, n: rows[:n] if n > 0 else rows  # noqa: E731
-    data = {}  # task -> {split: rows}
-    for name in names:
-        task, splits = TASKS[name], {}
-        if task.diagnostic:
-            splits["report"] = take(load_split(task, "test", args.data_dir), args.max_eval_samples)
-        else:
-            if not args.eval_only:
-                train_rows = load_split(task, "train", args.data_dir)
-                if args.dev_from_train > 0:
-                    group_of = (lambda r: (r["idx"]["paragraph"], r["idx"]["question"])) if name == "multirc" \
-                        else (lambda r: json.dumps(r["idx"]))
-                    train_rows, dev_rows = split_off_dev(train_rows, args.dev_from_train, args.seed, group_of)
-                    splits["dev"] = take(dev_rows, args.max_eval_samples)
-                    if not train_rows:
-                        raise UserError(f"--dev_from_train {args.dev_from_train} leaves no {name} rows to train on "
-                                        "(every row went to dev); lower it or use more training data")
-                splits["train"] = take(train_rows, args.max_train_samples)
-            splits["report"] = take(load_split(task, "validation", args.data_dir), args.max_eval_samples)
-        if args.predict:
-            splits["test"] = take(load_split(task, "test", args.data_dir), args.max_eval_samples)
-        data[name] = splits
-    report_split = "test (labelled diagnostic)" if diagnostics else "validation"
-    select_split = "dev" if args.dev_from_train > 0 else "report"
-
-    # --- 3. setup: seed, device, backbone, MEPT, heads ---
-    set_seed(args.seed)
-    device = pick_device(args.device)
-    use_bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda"
-                                            and torch.cuda.is_bf16_supported())
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)  # noqa: E731
-    model_name = args.model or (saved_run["model"] if saved_run else "t5-base")
-    backbone, tokenizer, family = load_backbone(model_name)
-    for saved, what in ((saved_run, f"checkpoint {args.checkpoint}"), (resumed_run, out)):
-        if saved and saved.get("family") not in (None, family):  # e.g. a Bloom run from before Bloom counted as a decoder
-            raise UserError(f"{what} was trained when {model_name} counted as family {saved['family']}, but it counts as "
-                            f"{family} now, so its prompts and head would sit elsewhere; train it again")
-    positions = mept.position_limit(backbone)
-    if positions and args.max_length > positions:
-        raise UserError(f"--max_length {args.max_length} exceeds the backbone's {positions} positions")
-    if family == "seq2seq" and method == "head_only":
-        raise UserError("--method head_only needs a task head, and seq2seq backbones (T5) have none: they score "
-                        "label words with their own LM head; use an encoder or decoder backbone")
-    if args.class_weights == "balanced" and not args.eval_only:
-        if family == "seq2seq":
-            raise UserError("--class_weights balanced weights a classification head, and seq2seq backbones (T5) "
-                            "train on label words instead; drop the flag or use an encoder or decoder backbone")
-        if all(TASKS[n].choose for n in names):
-            raise UserError(f"--class_weights balanced has nothing to weight: {', '.join(names)} pick a candidate "
-                            "rather than a class; drop the flag")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    head_names = sorted({head_key(n) for n in names})
-    resume_from = last_dir if args.resume else args.checkpoint
-    model = build_model(backbone, family, method, mept_config, head_names, args.head_dropout, resume_from).to(device)
-    mept_config = model.core.config if isinstance(model.core, mept.MEPT) else None
-    params_line = mept.parameters_line(model)  # counts the heads too, not only MEPT's prompts
-    print(f"{model_name} ({family}) | method {method} | {params_line}", flush=True)
-    run_config = {"model": model_name, "family": family, "method": method, "tasks": names,
-                  "heads": head_names, "mept": asdict(mept_config) if mept_config else None,
-                  "training": training_flags(args)}
-
-    # --- 4. encode every split once ---
-    encoded = {name: {split: encode_rows(name, rows, family, tokenizer, budget, training=split == "train")
-                      for split, rows in splits.items()} for name, splits in data.items()}
-
-    def evaluate_all(split):
-        """{task: metrics}, {task: predictions}, {task: expert load} on one split of every task."""
-        results = {n: evaluate(model, n, data[n][split], encoded[n][split], pad_id, args, device, autocast)
-                   for n in names if split in data[n]}
-        return ({n: r[0] for n, r in results.items()}, {n: r[1] for n, r in results.items()},
-                {n: r[2] for n, r in results.items()})
-
-    os.makedirs(out, exist_ok=True)
-    results = {"args": vars(args), "versions": package_versions(), "model": model_name, "family": family,
-               "method": method, "mept_config": run_config["mept"], "trainable_params": params_line,
-               "report_split": report_split, "selected_on": "train slice (--dev_from_train)"
-               if select_split == "dev" else "validation",
-               "n_rows": {n: {s: len(r) for s, r in splits.items()} for n, splits in data.items()}}
-    if isinstance(model.core, mept.MEPT):
-        results["prompt_params"] = model.core.prompt_param_counts()
-
-    # --- 5. the loop: train, evaluate every epoch (or --eval_steps), keep the best, save last/ ---
-    if not args.eval_only:
-        train_groups = {n: encoded[n]["train"] for n in names}
-        # --class_weights balanced: per classification task, from its train labels (None = unweighted)
-        class_weights = {n: balanced_class_weights(train_groups[n], len(TASKS[n].label_names))
-                         if args.class_weights == "balanced" and not TASKS[n].choose else None for n in names}
-        optimizer_groups = parameter_groups(model, args)
-        if args.optimizer == "adafactor":
-            optimizer = Adafactor(optimizer_groups, lr=args.lr, relative_step=False, scale_parameter=False,
-                                  warmup_init=False, weight_decay=args.weight_decay)
-        else:
-            optimizer = torch.optim.AdamW(optimizer_groups, lr=args.lr, weight_decay=args.weight_decay)
-
-        def epoch_batches(epoch):
-            """Single-task batches, shuffled across tasks; the order depends only on (seed, epoch)."""
-            batches = [(n, b) for n in names for b in make_batches(
-                train_groups[n], args.batch_size, seed=f"{args.seed}-{epoch}-{n}",
-                group_by_length=args.group_by_length)]
-            random.Random(args.seed * 1000 + epoch).shuffle(batches)
-            return batches
-
-        n_batches = len(epoch_batches(0))
-        steps_per_epoch = math.ceil(n_batches / args.gradient_accumulation_steps)
-        total_steps = args.max_steps if args.max_steps > 0 else steps_per_epoch * args.num_epochs
-        n_epochs = math.ceil(total_steps / steps_per_epoch)
-        warmup = math.ceil(args.warmup_ratio * total_steps)
-
-        def lr_factor(step):  # linear warmup to 1, then linear decay to 0 (or constant)
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            if args.lr_schedule == "constant":
-                return 1.0
-            return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-        state = dict(epoch=0, batches_done=0, step=0, best_score=-math.inf, best_epoch=None, best_step=None,
-                     bad_evals=0, log_lines=0, elapsed=0.0)
-        if args.resume:
-            saved = torch.load(os.path.join(last_dir, "trainer_state.pt"), weights_only=False)
-            optimizer.load_state_dict(saved["optimizer"])
-            scheduler.load_state_dict(saved["scheduler"])
-            torch.set_rng_state(saved["torch_rng"])
-            if saved.get("cuda_rng") is not None:
-                torch.cuda.set_rng_state_all(saved["cuda_rng"])
-            state = saved["state"]
-            with open(os.path.join(out, "log.jsonl")) as f:  # forget evaluations after the checkpoint
-                kept = f.readlines()[:state["log_lines"]]
-            with open(os.path.join(out, "log.jsonl"), "w") as f:
-                f.writelines(kept)
-        else:
-            for stale in ("log.jsonl", "results.json", "best", "last"):  # --overwrite_output_dir: a clean slate
-                path = os.path.join(out, stale)
-                if os.path.isdir(path):
-                    shutil.rmtree(path)
-                elif os.path.exists(path):
-                    os.remove(path)
-        clock = time.time() - state["elapsed"]
-        # a resumed run that had already run out of patience stops at once, as the uninterrupted run did
-        running_loss, running_n, stop = 0.0, 0, bool(args.patience) and state["bad_evals"] >= args.patience
-
-        def evaluate_and_checkpoint(epoch_label):
-            """One evaluation: log line + log.jsonl, best/ if the selection score improved, then last/."""
-            nonlocal running_loss, running_n
-            report, _, load = evaluate_all("report")
-            select = evaluate_all("dev")[0] if select_split == "dev" else report
-            score = sum(task_score(m) for m in select.values()) / len(select)
-            entry = {"epoch": epoch_label, "step": state["step"], "loss": running_loss / max(1, running_n),
-                     "lr": scheduler.get_last_lr()[0], "metrics": report,
-                     "elapsed": round(time.time() - clock, 2), "expert_load": load}
-            if select_split == "dev":
-                entry["dev_metrics"] = select
-            improved = score > state["best_score"]
-            if improved:
-                state.update(best_score=score, best_epoch=epoch_label, best_step=state["step"], bad_evals=0)
-                save_checkpoint(model, best_dir, run_config)
-            else:
-                state["bad_evals"] += 1
-            with open(os.path.join(out, "log.jsonl"), "a") as f:
-                f.write(json.dumps(entry) + "\n")
-            state["log_lines"] += 1
-            shown = " | ".join(f"{n} {format_metrics(m)}" for n, m in report.items())
-            tqdm.write(f"epoch {epoch_label} | step {state['step']} | loss {entry['loss']:.4f} | lr {entry['lr']:.2e} | "
-                       f"{shown}{' | best' if improved else ''} | {entry['elapsed']:.0f}s")
-            running_loss, running_n = 0.0, 0
-            state["elapsed"] = time.time() - clock
-            save_checkpoint(model, last_dir, run_config, trainer_state={
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state(), "state": dict(state),
-                "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None})
-
-        # disable=None: a live bar on a terminal, none in a log file, CI or a notebook cell's output
-        bar = tqdm(total=total_steps, initial=state["step"], desc="train", dynamic_ncols=True, disable=None)
-        while state["epoch"] < n_epochs and not stop:
-            epoch = state["epoch"]
-            batches = epoch_batches(epoch)
-            model.train()
-            for i in range(state["batches_done"], len(batches)):
-                name, indices = batches[i]
-                batch_groups = [train_groups[name][j] for j in indices]
-                with autocast():
-                    loss, _ = group_loss_and_predictions(model, collate(batch_groups, pad_id, device), batch_groups,
-                                                         name, class_weights[name])
-                    loss = loss + getattr(model.core, "aux_loss", 0.0)  # MEPT's balance term (0 unless asked)
-                (loss / args.gradient_accumulation_steps).backward()
-                running_loss, running_n = running_loss + loss.item(), running_n + 1
-                if (i + 1) % args.gradient_accumulation_steps and i + 1 < len(batches):
-                    continue  # accumulate: step on every accum-th batch and on the epoch's last
-                if args.max_grad_norm > 0 and args.optimizer == "adamw":
-                    nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                state["step"] += 1
-                state["batches_done"] = i + 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-                done = state["step"] >= total_steps
-                if (args.eval_steps and state["step"] % args.eval_steps == 0) or (done and i + 1 < len(batches)):
-                    if done:  # stopping mid-epoch: the epoch counter says where
-                        state["epoch"] = n_epochs
-                    evaluate_and_checkpoint(round(epoch + (i + 1) / len(batches), 2))
-                    model.train()
-                    stop = done or (args.patience and state["bad_evals"] >= args.patience)
-                    if stop:
-                        break
-            else:
-                state["epoch"], state["batches_done"] = epoch + 1, 0
-                if not (args.eval_steps and state["step"] % args.eval_steps == 0):
-                    evaluate_and_checkpoint(epoch + 1)
-                stop = stop or (args.patience and state["bad_evals"] >= args.patience)
-        bar.close()
-        results.update(best_epoch=state["best_epoch"], best_step=state["best_step"], steps=state["step"])
-        with open(os.path.join(out, "log.jsonl")) as f:
-            last_entry = [json.loads(line) for line in f][-1]
-        results["last_metrics"] = last_entry["metrics"]
-        # the reported numbers come from best/ reloaded, which also proves the checkpoint round-trips
-        model = build_model(model.core.remove() if isinstance(model.core, mept.MEPT) else model.core, family, method,
-                            None, head_names, args.head_dropout, best_dir).to(device)
-
-    # --- 6. final: official metrics of the best checkpoint, predictions, results.json ---
-    metrics, report_preds, load = evaluate_all("report")
-    results.update(metrics=metrics, expert_load=load, wall_time_seconds=round(time.time() - started, 1))
-    # how often each class is predicted: a class never predicted (CB's neutral) caps macro-F1, say so
-    results["predicted"] = {n: {label: sum(p == i for p in preds) for i, label in enumerate(TASKS[n].label_names)}
-                            for n, preds in report_preds.items() if TASKS[n].label_names and not TASKS[n].choose}
-    if args.predict:
-        _, test_preds, _ = evaluate_all("test")
-        for n, preds in test_preds.items():
-            # the leaderboard's own file names (CB.jsonl, AX-b.jsonl, ...): zip them as they are to submit
-            write_predictions(os.path.join(out, f"{TASKS[n].folder}.jsonl"), n, data[n]["test"], preds)
-    with open(os.path.join(out, "results.json.tmp"), "w") as f:
-        json.dump(results, f, indent=2, default=str)
-    os.replace(os.path.join(out, "results.json.tmp"), os.path.join(out, "results.json"))
-    chosen = f"best epoch {results['best_epoch']} (selected on {results['selected_on']})" \
-        if not args.eval_only else f"checkpoint {args.checkpoint}"
-    shown = " | ".join(f"{n} {report_split} {format_metrics(m)}" for n, m in metrics.items())
-    print(f"final | {chosen} | {shown} | {results['wall_time_seconds']:.0f}s", flush=True)
-    return results
+    run = parse_args(argv)  # 1. a bad flag stops here, before anything on disk is touched
+    load_data(run)  # 2. the rows of train, its dev slice, validation (and test, for --predict)
+    build(run)  # 3. the backbone, MEPT or not, the heads; every split encoded once
+    if not run.args.eval_only:
+        train(run)  # 4. the loop: best/ and last/ on disk, log.jsonl
+    return report(run, started)  # 5. best/ reloaded, the official metrics, results.json
 
 
 if __name__ == "__main__":
