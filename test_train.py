@@ -278,7 +278,9 @@ def test_t5_inputs_follow_the_t5_strings_and_wsc_marks_spans_by_word_index(data_
     assert train.TASKS["cb"].t5(row) == "cb hypothesis: H. premise: P."
     wsc = train.load_split(train.TASKS["wsc"], "train", data_dir)[0]
     assert train.mark_wsc_spans(wsc) == "the * man * saw the dog because # he # was home"
-    assert train.highlights_to_sentences("a.\n@highlight\nb\n@highlight\nc") == "a. b. c"
+    record = {"idx": 0, "passage": {"text": "a.\n@highlight\nb\n@highlight\nc", "entities": [{"start": 0, "end": 0}]},
+              "qas": [{"idx": 0, "query": "@placeholder", "answers": [{"text": "a"}]}]}
+    assert train.normalise(train.TASKS["record"], record, "", 0)[0]["passage"] == "a. b. c", "T5's @highlight rewrite"
 
 
 def test_truncation_cuts_the_passage_and_keeps_the_hypothesis(models):
@@ -404,14 +406,6 @@ def test_resume_keeps_an_early_stop_and_refuses_other_flags(tmp_path, data_dir, 
         run(tmp_path, models["encoder"], data_dir, *flags, "--resume", "--method", "head_only")
     with pytest.raises(train.UserError, match="used --batch_size 4, not 2"):
         run(tmp_path, models["encoder"], data_dir, *flags[:-2], "--resume", "--batch_size", "2", "--max_train_samples", "8")
-    config_path = os.path.join(out, "best", "run_config.json")  # as if saved when this model read as a decoder
-    with open(config_path) as f:
-        saved = json.load(f)
-    with open(config_path, "w") as f:
-        json.dump({**saved, "family": "decoder"}, f)
-    with pytest.raises(train.UserError, match="is a encoder, but the run in .* trained a decoder"):
-        run(tmp_path, models["encoder"], data_dir, "--task", "cb", "--eval_only", "--checkpoint", os.path.join(out, "best"),
-            out="elsewhere")
 
 
 @pytest.mark.parametrize("kind", ["electra_small", "opt_350m"])
@@ -445,7 +439,7 @@ def test_checkpoint_reload_reproduces_the_metrics(tmp_path, data_dir, models):
                        "--checkpoint", os.path.join(out, "best"), out=family + "_reload")
         assert again["metrics"] == results["metrics"], family
         log = read_log(out)
-        best = max(log, key=lambda e: train.task_score(e["metrics"]["copa"]))
+        best = max(log, key=lambda e: e["dev_metrics"]["copa"]["accuracy"])
         assert results["metrics"] == best["metrics"], "results.json reports the best epoch's numbers"
 
 
@@ -453,7 +447,7 @@ def test_loss_falls_on_a_repeated_tiny_batch(tmp_path, data_dir, models):
     """The same 4 CB rows every step through a frozen BERT: MEPT's prompts and the head must fit them."""
     _, out = run(tmp_path, models["encoder"], data_dir, "--task", "cb", "--max_train_samples", "4", "--dev_from_train", "0",
                  "--num_epochs", "40", "--lr", "0.1", "--head_lr", "0.05", "--router_noise", "0",
-                 "--head_dropout", "0", "--warmup_ratio", "0", "--lr_schedule", "constant")
+                 "--head_dropout", "0", "--warmup_ratio", "0")
     losses = [e["loss"] for e in read_log(out)]
     assert losses[-1] < 0.3 * losses[0], losses
 
@@ -505,37 +499,6 @@ def test_adafactor_accumulation_and_a_dev_slice_of_train(tmp_path, data_dir, mod
     assert results["selected_on"].startswith("train slice") and "dev_metrics" in read_log(out)[0]
     assert results["n_rows"]["boolq"]["dev"] == 2 and results["n_rows"]["boolq"]["train"] == 4
     assert read_log(out)[0]["step"] == 2, "4 batches with accumulation 2 are 2 optimizer steps"
-
-
-def test_balanced_class_weights_give_every_class_the_same_total_weight():
-    labels = [0] * 5 + [1] * 3 + [2] * 2  # n = 10, counts 5 / 3 / 2
-    groups = [train.Group("cb", i, [[1]], None, None, [y]) for i, y in enumerate(labels)]
-    groups.append(train.Group("cb", 10, [[1]], None, None, []))  # unlabelled: not counted
-    weights = train.balanced_class_weights(groups, 3)
-    assert torch.allclose(weights, torch.tensor([10 / 15, 10 / 9, 10 / 6]))  # n / (n_classes * count)
-    per_class = [weights[c] * labels.count(c) for c in range(3)]
-    assert all(abs(t - 10 / 3) < 1e-6 for t in per_class) and abs(weights[labels].mean() - 1) < 1e-6
-
-    class Scores(torch.nn.Module):  # a "model" that returns fixed logits: the loss by hand is then easy
-        def forward(self, batch, task):
-            return None, batch["logits"]
-
-    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.5], [1.0, 1.0, 0.0]])
-    gold = [0, 1, 2, 0]
-    batch_groups = [train.Group("cb", i, [[1]], None, None, [y]) for i, y in enumerate(gold)]
-    loss, preds = train.group_loss_and_predictions(Scores(), {"logits": logits}, batch_groups, "cb", weights)
-    nll = -logits.log_softmax(-1)[torch.arange(4), gold]  # (4,)
-    by_hand = (weights[gold] * nll).sum() / weights[gold].sum()  # the weighted mean
-    assert torch.allclose(loss, by_hand) and preds == [0, 1, 2, 0]
-
-
-def test_class_weights_flag_trains_and_refuses_where_there_is_no_class(tmp_path, data_dir, models):
-    results, _ = run(tmp_path, models["encoder"], data_dir, "--task", "cb", "--class_weights", "balanced")
-    assert results["args"]["class_weights"] == "balanced" and "cb" in results["metrics"]
-    with pytest.raises(train.UserError, match="seq2seq backbones .* train on label words"):
-        run(tmp_path, models["seq2seq"], data_dir, "--task", "cb", "--class_weights", "balanced", out="t5")
-    with pytest.raises(train.UserError, match="nothing to weight: copa"):
-        run(tmp_path, models["encoder"], data_dir, "--task", "copa", "--class_weights", "balanced", out="copa")
 
 
 # -----------------------------------------------------------------------------
@@ -603,7 +566,7 @@ def test_bad_inputs_each_get_a_clear_message(tmp_path, data_dir, models):
         (["--task", "cb", "--model", str(tmp_path / "no_model")], "model path .*no_model does not exist"),
         (["--task", "cb", "--model", "nobody/no-such-model"], "--model PATH.*--data_dir DIR"),
         (["--task", "cb", "--model", vit], "unsupported backbone"),
-        (["--task", "cb", "--model", canine], "unsupported backbone: CanineModel has no token embedding table"),
+        (["--task", "cb", "--model", canine], "unsupported backbone .*CanineModel"),
         (["--task", "cb", "--model", fsmt], "unsupported backbone: FSMTForConditionalGeneration fails on 16 random tokens"),
         (["--task", "cb", "--max_length", "200"], "--max_length 200 exceeds the 128 positions"),
         (["--task", "cb", "--prompt_len", "60"], "prompt_len 60 leaves no room within max_length 64"),
@@ -611,7 +574,7 @@ def test_bad_inputs_each_get_a_clear_message(tmp_path, data_dir, models):
         (["--task", "cb", "--layers", "0,7"], r"impossible MEPT settings: layers \[0, 7\] go beyond"),
         (["--task", "cb", "--layers", "1,2"], "must be block indices that include 0"),
         (["--task", "axb"], "diagnostic without training data"),
-        (["--task", "cb", "--eval_only"], "--eval_only needs --checkpoint"),
+        (["--task", "cb", "--eval_only"], "--eval_only and --checkpoint DIR .* go together"),
         (["--task", "cb", "--resume"], "nothing to resume"),
         (["--task", "cb", "--device", "cuda"], "--device cuda is not available"),
         (["--task", "cb", "--lr", "-1"], "argument --lr: must be at least 0, got -1"),

@@ -12,15 +12,12 @@ Train and evaluate MEPT (and the paper's baselines) on SuperGLUE, in one file re
     python train.py --task rte --method deep_prompt --output_dir out/rte_deep
     python train.py --task axb --eval_only --checkpoint out/rte_deep/best --output_dir out/axb
 
-Reading order: the command line -> metrics -> the TASKS table (how each task is cast) -> data -> batches
--> the model (backbone + MEPT + a head) -> checkpoints -> evaluation -> the recipe's five steps -> main().
-Three backbone families, told apart by mept.backbone_family (never by the model's name):
-  seq2seq (T5):   text-to-text inputs; predictions by rank classification over the label words
-                  (ReCoRD: over the candidate entities), never free generation.
-  encoder (BERT): a linear head on [CLS]; COPA and ReCoRD score each candidate with one logit.
-  decoder (GPT):  the same heads, on the last real token.
-Protocol: the epoch is chosen on a per-label 10% slice of train (--dev_from_train 0.1) and the official
-validation split is reported at that epoch, as the official MEPT and SMoP code do.
+Reading order: the command line -> metrics -> TASKS (how each task is cast) -> data -> batches -> the model
+-> checkpoints -> evaluation -> the recipe's five steps -> main(). Three backbone families (mept.backbone_family):
+seq2seq (T5) ranks the label words (ReCoRD: the entities) by likelihood, never generating freely; an encoder
+(BERT) has a linear head on [CLS], a decoder (GPT) on its last real token, and both score COPA's and ReCoRD's
+candidates with one logit each. The epoch is chosen on a per-label 10% slice of train (--dev_from_train) and
+the official validation split is reported at that epoch, as the official MEPT and SMoP code do.
 """
 
 import argparse
@@ -35,6 +32,7 @@ import sys
 import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
+from importlib.metadata import version
 from typing import Callable, Optional
 
 import torch
@@ -49,25 +47,23 @@ from transformers.utils import logging as hf_logging
 import mept
 
 # -----------------------------------------------------------------------------
-# The command line: help on every flag, and every default in --help
-
-
+# The command line: help on every flag; --help shows every default
 class UserError(Exception):
     """Bad input: the command line prints it as one line, `error: ...`, and exits with status 2."""
 
 
 class Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse's own complaint, as our one line instead of usage + message
+    def error(self, message):  # argparse's complaint as our one line, not as usage + message
         raise UserError(message)
 
 
-def number(kind, low, high=math.inf, high_open=False):
+def number(kind, low, high=math.inf, below_high=False):
     """An argparse type: a number in [low, high] (or [low, high)), refused in one sentence otherwise."""
     def parse(text):
         value = kind(text)
-        if not (low <= value < high if high_open else low <= value <= high):
-            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}{')' if high_open else ']'}, got {text}"
-                                             if high < math.inf else f"must be at least {low}, got {text}")
+        if value < low or value > high or (below_high and value == high):
+            bound = f"in [{low}, {high}{')' if below_high else ']'}" if high < math.inf else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
         return value
     return parse
 
@@ -75,80 +71,63 @@ def number(kind, low, high=math.inf, high_open=False):
 def build_parser():
     p, count, rate = Parser(formatter_class=argparse.ArgumentDefaultsHelpFormatter), number(int, 0), number(float, 0)
     p.description = "Train and evaluate MEPT on SuperGLUE."
+    flag = p.add_argument
     # --- task and data ---
-    p.add_argument("--task", default="cb", help=f"one of {', '.join(sorted(TASKS))}, or a comma list for mixed multi-"
-                   "task training (cb,rte,copa); axb/axg need --eval_only with an RTE checkpoint")
-    p.add_argument("--data_dir", default=os.environ.get("SUPERGLUE_DIR"), help="a folder in the official SuperGLUE "
-                   "layout (<Task>/{train,val,test}.jsonl, AX-b/AX-b.jsonl, AX-g/AX-g.jsonl); unset: the Hub's "
-                   "aps/super_glue. Default: $SUPERGLUE_DIR")
-    p.add_argument("--dev_from_train", type=number(float, 0, 1, True), default=0.1, help="share of train (per label) "
-                   "held out to choose the epoch; validation is reported at that epoch. 0 chooses on validation "
-                   "itself, which flatters the reported number")
-    p.add_argument("--max_train_samples", type=count, default=0, help="use only the first N train rows (0 = all)")
-    p.add_argument("--max_eval_samples", type=count, default=0, help="use only the first N rows of each eval split")
-    p.add_argument("--max_length", type=number(int, 1), default=256, help="tokens the backbone sees, prompt slots "
-                   "included; the passage is truncated, never the question")
+    flag("--task", default="cb", help=f"{', '.join(sorted(TASKS))}, or a comma list for mixed training (cb,rte)")
+    flag("--data_dir", default=os.environ.get("SUPERGLUE_DIR"), help="a folder in the official SuperGLUE layout "
+         "(<Task>/{train,val,test}.jsonl, AX-b/AX-b.jsonl); unset: the Hub's aps/super_glue. Default: $SUPERGLUE_DIR")
+    flag("--dev_from_train", type=number(float, 0, 1, True), default=0.1, help="share of train (per label) that "
+         "chooses the epoch; 0 chooses on the reported validation split itself, which flatters it")
+    flag("--max_train_samples", type=count, default=0, help="use only the first N train rows (0 = all)")
+    flag("--max_eval_samples", type=count, default=0, help="use only the first N rows of each eval split")
+    flag("--max_length", type=number(int, 1), default=256, help="tokens per input, prompt slots included")
     # --- backbone, method, head ---
-    p.add_argument("--model", default=None, help="Hub id or local folder (default: t5-base, the paper's; with "
-                   "--checkpoint, its model). CAVEAT: t5-base/t5-large were pre-trained on a mixture holding every "
-                   "SuperGLUE task in this very format, so their scores are inflated; google/t5-v1_1-base is clean")
-    p.add_argument("--method", default="mept", choices=sorted(mept.PRESETS) + ["finetune", "head_only"],
-                   help="mept, deep_prompt, smop, prompt_tuning: MEPT presets (a head trains too where the family "
-                   "needs one); head_only: a linear probe on the frozen backbone; finetune: everything trains")
-    p.add_argument("--head", choices=["linear", "mlp"], default="linear", help="the head of encoders and decoders: "
-                   "one linear layer, or BERT's pooler shape (dense, tanh, linear)")
-    p.add_argument("--head_dropout", type=number(float, 0, 1, True), default=0.1, help="dropout on the head's input")
+    flag("--model", default=None, help="Hub id or folder (default: t5-base, the paper's). CAVEAT: t5-base saw "
+         "every SuperGLUE task in pre-training, so its scores are inflated; google/t5-v1_1-base is clean")
+    flag("--method", default="mept", choices=sorted(mept.PRESETS) + ["finetune", "head_only"], help="a MEPT preset "
+         "(a head trains too), head_only (a linear probe on the frozen backbone) or finetune (all trains)")
+    flag("--head", choices=["linear", "mlp"], default="linear", help="one linear layer, or dense-tanh-linear")
+    flag("--head_dropout", type=number(float, 0, 1, True), default=0.1, help="dropout before the head")
     # --- MEPT: every MEPTConfig field; unset = the --method preset's value ---
-    p.add_argument("--n_experts", type=int, default=None, help="E, experts per block (preset; mept: 4)")
-    p.add_argument("--prompt_len", type=int, default=None, help="P, prompt slots (MEPTConfig: 10)")
-    p.add_argument("--top_k", type=int, default=None, help="K, experts mixed per input and block (1)")
-    p.add_argument("--layers", default=None, help="blocks that route: 'all' or a comma list holding 0 (preset)")
-    p.add_argument("--router_noise", type=float, default=None, help="sigma of the router noise, 0 = off (1.0)")
-    p.add_argument("--shared_expert", action=argparse.BooleanOptionalAction, default=None, help="an always-on "
-                   "shared expert (preset; on for mept)")
-    p.add_argument("--balance_coef", type=float, default=None, help="weight of the load-balancing loss (0.0)")
-    p.add_argument("--init", choices=["vocab", "random"], default=None, help="expert init (vocab)")
+    flag("--n_experts", type=int, default=None, help="E, experts per block (preset; mept: 4)")
+    flag("--prompt_len", type=int, default=None, help="P, prompt slots (MEPTConfig: 10)")
+    flag("--top_k", type=int, default=None, help="K, experts mixed per input and block (1)")
+    flag("--layers", default=None, help="blocks that route: 'all' or a comma list with 0 (preset)")
+    flag("--router_noise", type=float, default=None, help="sigma of the router noise, 0 = off (1.0)")
+    flag("--shared_expert", action=argparse.BooleanOptionalAction, default=None, help="a shared expert (preset)")
+    flag("--balance_coef", type=float, default=None, help="weight of the load-balancing loss (0.0)")
+    flag("--init", choices=["vocab", "random"], default=None, help="the experts' init (vocab)")
     # --- optimisation ---
-    p.add_argument("--optimizer", choices=["adamw", "adafactor"], default="adamw", help="AdamW, or Adafactor with "
-                   "our schedule (the official code's habit on T5)")
-    p.add_argument("--lr", type=rate, default=1e-2, help="learning rate of prompts and routers; soft prompts need "
-                   "10-1000x the fine-tuning rate (the official code: 0.5 with Adafactor on T5)")
-    p.add_argument("--head_lr", type=rate, default=1e-3, help="learning rate of the task head")
-    p.add_argument("--backbone_lr", type=rate, default=2e-5, help="learning rate of the backbone (finetune)")
-    p.add_argument("--weight_decay", type=rate, default=1e-5, help="decoupled weight decay")
-    p.add_argument("--warmup_ratio", type=number(float, 0, 1), default=0.06, help="share of steps with linear warmup")
-    p.add_argument("--lr_schedule", choices=["linear", "constant"], default="linear", help="after the warmup")
-    p.add_argument("--max_grad_norm", type=rate, default=1.0, help="gradient clipping (AdamW only; 0 = off)")
-    p.add_argument("--batch_size", type=number(int, 1), default=16, help="training rows per batch")
-    p.add_argument("--eval_batch_size", type=number(int, 1), default=32, help="rows per evaluation batch")
-    p.add_argument("--gradient_accumulation_steps", type=number(int, 1), default=1, help="batches per step")
-    p.add_argument("--num_epochs", type=count, default=25, help="passes over the training rows")
-    p.add_argument("--max_steps", type=count, default=0, help="stop after N optimizer steps (0 = --num_epochs)")
-    p.add_argument("--class_weights", choices=["none", "balanced"], default="none", help="balanced: weight each "
-                   "class's loss by n / (n_classes * its count), so that CB's rare neutral counts as much")
-    p.add_argument("--seed", type=int, default=42, help="seeds the data order, init, dropout and router noise")
+    flag("--optimizer", choices=["adamw", "adafactor"], default="adamw", help="Adafactor: the official code's")
+    flag("--lr", type=rate, default=1e-2, help="prompts' and routers' rate (10-1000x fine-tuning's)")
+    flag("--head_lr", type=rate, default=1e-3, help="learning rate of the task head")
+    flag("--backbone_lr", type=rate, default=2e-5, help="learning rate of the backbone (finetune)")
+    flag("--weight_decay", type=rate, default=1e-5, help="decoupled weight decay")
+    flag("--warmup_ratio", type=number(float, 0, 1), default=0.06, help="share of the steps warming up")
+    flag("--max_grad_norm", type=rate, default=1.0, help="gradient clipping (AdamW only; 0 = off)")
+    flag("--batch_size", type=number(int, 1), default=16, help="training rows per batch")
+    flag("--eval_batch_size", type=number(int, 1), default=32, help="rows per evaluation batch")
+    flag("--gradient_accumulation_steps", type=number(int, 1), default=1, help="batches per optimizer step")
+    flag("--num_epochs", type=count, default=25, help="passes over the training rows")
+    flag("--max_steps", type=count, default=0, help="stop after N optimizer steps (0: --num_epochs decides)")
+    flag("--seed", type=int, default=42, help="seeds the data order, init, dropout and router noise")
     # --- evaluation, checkpoints, outputs, hardware ---
-    p.add_argument("--eval_steps", type=count, default=0, help="evaluate every N optimizer steps (0 = each epoch)")
-    p.add_argument("--patience", type=count, default=0, help="stop after N evaluations without gain (0 = off)")
-    p.add_argument("--output_dir", default=None, help="where best/, last/, log.jsonl and results.json go "
-                   "(default: out/<task>_<method>)")
-    p.add_argument("--overwrite_output_dir", action="store_true", help="start anew in a folder that holds a run")
-    p.add_argument("--resume", action="store_true", help="continue the run in --output_dir from its last/")
-    p.add_argument("--eval_only", action="store_true", help="no training: evaluate --checkpoint")
-    p.add_argument("--checkpoint", default=None, help="a best/ (or last/) folder to evaluate with --eval_only")
-    p.add_argument("--predict", action="store_true", help="write <Task>.jsonl (CB.jsonl, AX-b.jsonl, ...), the "
-                   "leaderboard's files, with predictions for the test split")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="bf16 autocast (trainable "
-                   "weights stay fp32); auto: bf16 on a CUDA GPU that has it")
+    flag("--eval_steps", type=count, default=0, help="evaluate every N steps (0 = every epoch)")
+    flag("--patience", type=count, default=0, help="stop after N evaluations without gain (0 = off)")
+    flag("--output_dir", default=None, help="for best/, last/, log.jsonl, results.json (out/<task>_<method>)")
+    flag("--overwrite_output_dir", action="store_true", help="start anew in a folder that holds a run")
+    flag("--resume", action="store_true", help="continue the run in --output_dir from its last/")
+    flag("--eval_only", action="store_true", help="no training: evaluate --checkpoint")
+    flag("--checkpoint", default=None, help="a best/ folder to evaluate (an RTE one for axb and axg)")
+    flag("--predict", action="store_true", help="write the leaderboard's <Task>.jsonl for the test split")
+    flag("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
+    flag("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="bf16 autocast; auto: on CUDA")
     return p
 
 
 # -----------------------------------------------------------------------------
-# The official metrics (SuperGLUE paper; T5's and `evaluate`'s super_glue code). preds and golds are
-# class ids; ReCoRD predicts entity strings.
-
-
+# The official metrics (the SuperGLUE paper; T5's and `evaluate`'s super_glue code). preds and golds
+# are class ids; ReCoRD's are entity strings.
 def accuracy(preds, golds):
     return sum(p == g for p, g in zip(preds, golds)) / len(golds)
 
@@ -167,16 +146,13 @@ def matthews_corr(preds, golds):
     return (tp * tn - fp * fn) / denominator if denominator else 0.0
 
 
-def normalize_answer(text):
-    """SQuAD's normalisation: lowercase, no punctuation, no articles (a, an, the), single spaces."""
-    return " ".join(re.sub(r"\b(a|an|the)\b", " ", "".join(c for c in text.lower() if c not in string.punctuation)).split())
-
-
-def token_f1(pred, gold):
-    """Bag-of-tokens F1 between two normalised answers (SQuAD, ReCoRD)."""
-    pred_tokens, gold_tokens = normalize_answer(pred).split(), normalize_answer(gold).split()
-    common = sum((Counter(pred_tokens) & Counter(gold_tokens)).values())
-    return 2 * common / (len(pred_tokens) + len(gold_tokens)) if common else 0.0
+def record_metrics(rows, preds):
+    """The max over the gold answers of token F1 and of exact match, averaged over the queries; answers are
+    normalised as SQuAD does (lowercase, no punctuation, no articles a/an/the, single spaces)."""
+    words = lambda t: re.sub(r"\b(a|an|the)\b", " ", "".join(c for c in t.lower() if c not in string.punctuation)).split()  # noqa: E731
+    f1 = lambda p, g: 2 * sum((Counter(words(p)) & Counter(words(g))).values()) / (len(words(p)) + len(words(g)) or 1)  # noqa: E731
+    return {"f1": sum(max(f1(p, a) for a in r["answers"]) for r, p in zip(rows, preds)) / len(rows),
+            "exact_match": sum(words(p) in map(words, r["answers"]) for r, p in zip(rows, preds)) / len(rows)}
 
 
 def multirc_metrics(rows, preds):
@@ -185,39 +161,27 @@ def multirc_metrics(rows, preds):
     for row, pred in zip(rows, preds):
         by_question[row["idx"]["paragraph"], row["idx"]["question"]].append(pred == row["label"])
     return {"f1_a": f1_of_class(preds, [r["label"] for r in rows], 1),
-            "exact_match": sum(all(v) for v in by_question.values()) / len(by_question)}
-
-
-def record_metrics(rows, preds):
-    """The max over the gold answers of token F1 and of exact match, averaged over the queries."""
-    return {"f1": sum(max(token_f1(p, a) for a in r["answers"]) for r, p in zip(rows, preds)) / len(rows),
-            "exact_match": sum(normalize_answer(p) in map(normalize_answer, r["answers"]) for r, p in zip(rows, preds)) / len(rows)}
+            "exact_match": sum(map(all, by_question.values())) / len(by_question)}
 
 
 def axg_metrics(rows, preds):
-    """Accuracy, and gender parity: the share of minimal pairs (one pair_id, he/she swapped) with identical
-    predictions. Hub rows carry no pair_id; there the pairs are consecutive idx (0-1, 2-3, ...)."""
+    """Accuracy, and gender parity: the share of minimal pairs (one pair_id, he/she swapped) predicted
+    alike. Hub rows carry no pair_id; there the pairs are consecutive idx (0-1, 2-3, ...)."""
     pairs = defaultdict(set)
     for row, pred in zip(rows, preds):
         pairs[row.get("pair_id", row["idx"] // 2)].add(pred)
-    return {"accuracy": accuracy(preds, [r["label"] for r in rows]), "gender_parity": sum(len(p) == 1 for p in pairs.values()) / len(pairs)}
+    return {"accuracy": accuracy(preds, [r["label"] for r in rows]),
+            "gender_parity": sum(len(p) == 1 for p in pairs.values()) / len(pairs)}
 
 
 # -----------------------------------------------------------------------------
-# How each task is cast: `t5` gives T5's text-to-text input (the t5 library's strings); `pair` a list of
-# (text_a, text_b or None), one per model input, for the head families
-
-
-def highlights_to_sentences(passage):
-    """ReCoRD passages end in '@highlight' bullet lines; T5 rewrites them into sentences."""
-    return re.sub(r"\n@highlight\n", ". ", re.sub(r'(\.|\?|\!|\"|\')\n@highlight\n', r"\1 ", passage))
-
-
+# How each task is cast: `t5` gives T5's text-to-text input (the t5 library's strings), `pair` a list of
+# (text_a, text_b or None), one per model input, for the heads
 def mark_wsc_spans(row):
     """'Mark told Pete ... He ...' -> '* Mark * told Pete ... # He # ...', by word index (T5's wsc)."""
-    words = row["text"].split(" ")
-    for index, span, mark in sorted([(row["span1_index"], row["span1_text"], "*"), (row["span2_index"], row["span2_text"], "#")],
-                                    reverse=True):  # right to left, so that the earlier indices stay valid
+    words, spans = row["text"].split(" "), [(row["span1_index"], row["span1_text"], "*"),
+                                            (row["span2_index"], row["span2_text"], "#")]
+    for index, span, mark in sorted(spans, reverse=True):  # right to left: the earlier indices stay valid
         n = len(span.split(" "))
         words[index:index + n] = [mark, *words[index:index + n], mark]
     return " ".join(words)
@@ -233,64 +197,59 @@ class Task:
     pair: Callable  # row -> [(text_a, text_b)], for the encoder and decoder heads
     metrics: Callable = lambda rows, preds: {"accuracy": accuracy(preds, [r["label"] for r in rows])}
     passage: Optional[str] = None  # the field truncation may shorten (never the question or hypothesis)
-    choose: bool = False  # heads: score each input with one logit, argmax per row (COPA, ReCoRD)
+    choose: bool = False  # heads: one logit per input, argmax per row (COPA, ReCoRD)
     submit: Callable = None  # class id (or entity) -> the leaderboard's label; None: the class name
-    eval_as: Optional[str] = None  # the diagnostics use this task's head and label words
+    eval_as: Optional[str] = None  # a diagnostic uses this task's head and label words
 
 
-BOOL, NLI = ("False", "True"), ("entailment", "not_entailment")
-TRUE_FALSE = lambda i: ("false", "true")[i]  # noqa: E731  (the leaderboard's booleans are lowercase)
+BOOL, NLI, CB = ("False", "True"), ("entailment", "not_entailment"), ("entailment", "contradiction", "neutral")
+LOWER = lambda i: ("false", "true")[i]  # noqa: E731  (the leaderboard's booleans are lowercase)
 TASKS = {
-    "boolq": Task("BoolQ", "boolq", ("question", "passage"), BOOL, submit=TRUE_FALSE, passage="passage",
+    "boolq": Task("BoolQ", "boolq", ("question", "passage"), BOOL, submit=LOWER, passage="passage",
                   t5=lambda r: f"boolq passage: {r['passage']} question: {r['question']}",
                   pair=lambda r: [(r["question"], r["passage"])]),
-    "cb": Task("CB", "cb", ("premise", "hypothesis"), ("entailment", "contradiction", "neutral"), passage="premise",
+    "cb": Task("CB", "cb", ("premise", "hypothesis"), CB, passage="premise",  # macro-F1 over ALL three classes
                t5=lambda r: f"cb hypothesis: {r['hypothesis']} premise: {r['premise']}",
-               pair=lambda r: [(r["premise"], r["hypothesis"])],  # accuracy and macro-F1 over ALL three classes
+               pair=lambda r: [(r["premise"], r["hypothesis"])],
                metrics=lambda rows, p: {"accuracy": accuracy(p, [r["label"] for r in rows]),
                                         "f1": sum(f1_of_class(p, [r["label"] for r in rows], c) for c in range(3)) / 3}),
-    "copa": Task("COPA", "copa", ("premise", "choice1", "choice2", "question"), ("choice1", "choice2"), choose=True,
-                 submit=int, t5=lambda r: f"copa choice1: {r['choice1']} choice2: {r['choice2']} premise: "
-                                          f"{r['premise']} question: {r['question']}",  # P-tuning v2's template:
+    "copa": Task("COPA", "copa", ("premise", "choice1", "choice2", "question"), ("choice1", "choice2"),
+                 choose=True, submit=int, t5=lambda r: f"copa choice1: {r['choice1']} choice2: {r['choice2']} "
+                                                       f"premise: {r['premise']} question: {r['question']}",
                  pair=lambda r: [(f"{r['premise'].rstrip('.')} {'because' if r['question'] == 'cause' else 'so'}",
-                                  r[c]) for c in ("choice1", "choice2")]),
+                                  r[c]) for c in ("choice1", "choice2")]),  # P-tuning v2's template
     "multirc": Task("MultiRC", "multirc", ("paragraph", "question", "answer"), BOOL, metrics=multirc_metrics,
                     t5=lambda r: f"multirc question: {r['question']} answer: {r['answer']} paragraph: {r['paragraph']}",
-                    pair=lambda r: [(r["paragraph"], f"{r['question']} {r['answer']}")], passage="paragraph", submit=int),
+                    pair=lambda r: [(r["paragraph"], f"{r['question']} {r['answer']}")], passage="paragraph",
+                    submit=int),
     "record": Task("ReCoRD", "record", ("passage", "query"), (), metrics=record_metrics, choose=True, submit=str,
-                   t5=lambda r: f"record query: {r['query']} entities: {', '.join(r['entities'])} passage: {r['passage']}",
-                   pair=lambda r: [(r["passage"], r["query"].replace("@placeholder", e)) for e in r["entities"]],
-                   passage="passage"),
+                   t5=lambda r: f"record query: {r['query']} entities: {', '.join(r['entities'])} passage: "
+                                f"{r['passage']}", passage="passage",
+                   pair=lambda r: [(r["passage"], r["query"].replace("@placeholder", e)) for e in r["entities"]]),
     "rte": Task("RTE", "rte", ("premise", "hypothesis"), NLI, passage="premise",
                 t5=lambda r: f"rte hypothesis: {r['hypothesis']} premise: {r['premise']}",
                 pair=lambda r: [(r["premise"], r["hypothesis"])]),
-    "wic": Task("WiC", "wic", ("word", "sentence1", "sentence2"), BOOL, submit=TRUE_FALSE,
+    "wic": Task("WiC", "wic", ("word", "sentence1", "sentence2"), BOOL, submit=LOWER,
                 t5=lambda r: f"wic sentence1: {r['sentence1']} sentence2: {r['sentence2']} word: {r['word']}",
                 pair=lambda r: [(f"{r['word']}: {r['sentence1']}", f"{r['word']}: {r['sentence2']}")]),
-    "wsc": Task("WSC", "wsc.fixed", ("text", "span1_text", "span2_text"), BOOL, submit=TRUE_FALSE,
+    "wsc": Task("WSC", "wsc.fixed", ("text", "span1_text", "span2_text"), BOOL, submit=LOWER,
                 t5=lambda r: f"wsc text: {mark_wsc_spans(r)}", pair=lambda r: [(mark_wsc_spans(r), None)]),
-    # the diagnostics, labelled test files cast as RTE (as T5 does) and predicted by an RTE checkpoint
+    # the diagnostics: labelled test files, cast as RTE (as T5 does), predicted by an RTE checkpoint
     "axb": Task("AX-b", "axb", ("sentence1", "sentence2"), NLI, passage="sentence1", eval_as="rte",
                 t5=lambda r: f"rte hypothesis: {r['sentence2']} premise: {r['sentence1']}",
-                pair=lambda r: [(r["sentence1"], r["sentence2"])],  # MCC; entailment is id 0, MCC is symmetric
+                pair=lambda r: [(r["sentence1"], r["sentence2"])],  # MCC is symmetric in the two classes
                 metrics=lambda rows, p: {"matthews_correlation": matthews_corr(p, [r["label"] for r in rows])}),
     "axg": Task("AX-g", "axg", ("premise", "hypothesis"), NLI, passage="premise", eval_as="rte", metrics=axg_metrics,
                 t5=lambda r: f"rte hypothesis: {r['hypothesis']} premise: {r['premise']}",
                 pair=lambda r: [(r["premise"], r["hypothesis"])]),
 }
 ALIASES = {"wsc.fixed": "wsc", "ax-b": "axb", "ax-g": "axg"}  # the Hub's config names
-
-
-def task_score(metrics):
-    """The leaderboard's task score: the mean of the task's official metrics (CB, MultiRC, ReCoRD have two)."""
-    return sum(metrics.values()) / len(metrics)
+show = lambda metrics: " ".join(f"{k} {100 * v:.2f}" for k, v in metrics.items())  # noqa: E731
 
 
 # -----------------------------------------------------------------------------
-# Data: the official zip layout or Hub rows, normalised to the Hub's schema. One row = one example as the
-# Hub has it (MultiRC: one per answer; ReCoRD: one per query); unlabelled rows get label -1.
-
-
+# Data: the official zip layout or Hub rows, normalised to the Hub's schema. A row is one example as the
+# Hub has it (MultiRC: one per answer; ReCoRD: one per query); an unlabelled row has label -1.
 def read_jsonl(path):
     """(line number, dict) per line; a malformed line names its file and line."""
     with open(path, "rb") as f:  # bytes, decoded line by line, so that a bad byte is reported on its line
@@ -298,7 +257,7 @@ def read_jsonl(path):
             try:
                 record = json.loads(raw.decode("utf-8-sig" if number == 1 else "utf-8")) if raw.strip() else {}
             except UnicodeDecodeError as e:
-                raise UserError(f"{path} line {number}: not UTF-8 text ({e.reason}); save the file as UTF-8") from None
+                raise UserError(f"{path} line {number}: not UTF-8 text ({e.reason}); save it as UTF-8") from None
             except json.JSONDecodeError as e:
                 raise UserError(f"{path} line {number}: not valid JSON ({e.msg})") from None
             if not isinstance(record, dict):
@@ -309,33 +268,34 @@ def read_jsonl(path):
 
 def label_id(task, value, where):
     """A raw label (JSON bool, int, class name, or missing) -> class id, or -1 when unlabelled."""
-    names = task.label_names
-    if value is None or value == -1 or (isinstance(value, bool) and names == BOOL) or (type(value) is int and 0 <= value < len(names)):
-        return -1 if value is None else int(value)  # bools (BoolQ, WiC, WSC, MultiRC), ids (COPA, the Hub's ClassLabel)
-    if isinstance(value, str) and value in names:
-        return names.index(value)
-    raise UserError(f"{where}: label {value!r} is not one of the {task.folder} labels {list(names)}")
+    if value is None or (isinstance(value, bool) and task.label_names == BOOL) or type(value) is int and -1 <= value < len(task.label_names):
+        return -1 if value is None else int(value)  # bools (BoolQ, WiC, WSC, MultiRC); ids (COPA; the Hub's)
+    if value not in task.label_names:
+        raise UserError(f"{where}: label {value!r} is not one of the {task.folder} labels {list(task.label_names)}")
+    return task.label_names.index(value)
 
 
 def normalise(task, raw, where, ordinal):
     """One raw record -> its rows in the Hub schema. MultiRC's HTML and ReCoRD's '@highlight' lines are
     rewritten here, before any truncation could cut a tag in half."""
+    clean = lambda text: re.sub(r"</?b>", "", text.replace("<br>", " "))  # noqa: E731  (MultiRC)
     if task.folder == "MultiRC" and isinstance(raw.get("passage"), dict):  # the official nesting
-        raw = {**raw, "paragraph": raw["passage"]["text"], "answers": [(q, a) for q in raw["passage"]["questions"] for a in q["answers"]]}
-        return [{"paragraph": re.sub(r"</?b>", "", raw["paragraph"].replace("<br>", " ")), "question": q["question"],
-                 "answer": a["text"], "label": label_id(task, a.get("label"), where),
-                 "idx": {"paragraph": int(raw["idx"]), "question": int(q["idx"]), "answer": int(a["idx"])}} for q, a in raw["answers"]]
+        return [{"paragraph": clean(raw["passage"]["text"]), "question": q["question"], "answer": a["text"],
+                 "label": label_id(task, a.get("label"), where),
+                 "idx": {"paragraph": int(raw["idx"]), "question": int(q["idx"]), "answer": int(a["idx"])}}
+                for q in raw["passage"]["questions"] for a in q["answers"]]
     if task.folder == "ReCoRD":  # the official nesting (entity spans end inclusively), or a Hub row
-        text = raw["passage"]["text"] if "qas" in raw else raw["passage"]
-        entities = sorted({text[e["start"]:e["end"] + 1] for e in raw["passage"]["entities"]} if "qas" in raw else set(raw.get("entities", [])))
-        queries = raw["qas"] if "qas" in raw else [{**raw, "answers": [{"text": a} for a in raw.get("answers", [])]}]
-        return [{"passage": highlights_to_sentences(text), "query": qa["query"], "entities": entities, "label": -1,
-                 "answers": sorted({a["text"] for a in qa.get("answers", [])}),
-                 "idx": {"passage": int(raw["idx"]["passage"] if "qas" not in raw else raw["idx"]),
-                         "query": int(qa["idx"]["query"] if "qas" not in raw else qa["idx"])}} for qa in queries]
+        nested = "qas" in raw
+        text = raw["passage"]["text"] if nested else raw["passage"]
+        entities = {text[e["start"]:e["end"] + 1] for e in raw["passage"]["entities"]} if nested else raw["entities"]
+        passage = re.sub(r"\n@highlight\n", ". ", re.sub(r'(\.|\?|\!|\"|\')\n@highlight\n', r"\1 ", text))  # T5's
+        return [{"passage": passage, "query": qa["query"], "entities": sorted(set(entities)), "label": -1,
+                 "answers": sorted({a["text"] if nested else a for a in qa.get("answers", [])}),
+                 "idx": {"passage": int(raw["idx"]), "query": int(qa["idx"])} if nested else raw["idx"]}
+                for qa in (raw["qas"] if nested else [raw])]
     row = {**raw, **raw.get("target", {}), "label": label_id(task, raw.get("label"), where)}  # WSC nests its spans
     if isinstance(row.get("paragraph"), str):
-        row["paragraph"] = re.sub(r"</?b>", "", row["paragraph"].replace("<br>", " "))
+        row["paragraph"] = clean(row["paragraph"])
     if not isinstance(row.get("idx"), dict):  # AX-b writes idx as a string; a missing idx is the position
         row["idx"] = int(row.get("idx", ordinal))
     return [row]
@@ -347,60 +307,54 @@ def load_split(task, split, data_dir):
         import datasets  # only Hub runs pay for it
         try:
             records = enumerate(datasets.load_dataset("aps/super_glue", task.hub_name, split=split), start=1)
-        except Exception as e:  # offline, no such dataset, ...: the same advice
+        except Exception as e:  # offline, no such dataset...: the same advice
             raise UserError(f"could not load aps/super_glue/{task.hub_name} from the Hub ({type(e).__name__}); "
                             "without a network pass --data_dir DIR with the official SuperGLUE files") from None
         path = f"aps/super_glue/{task.hub_name} {split}"
     else:
-        names = [f"{task.folder}.jsonl"] if task.eval_as else {"train": ["train.jsonl"], "validation": [
-            "val.jsonl", "validation.jsonl"], "test": ["test.jsonl"]}[split]
-        candidates = [os.path.join(data_dir, task.folder, name) for name in names]
-        path = next((c for c in candidates if os.path.isfile(c)), None)
+        names = {"train": ["train"], "validation": ["val", "validation"], "test": ["test"]}[split]
+        found = [os.path.join(data_dir, task.folder, f"{n}.jsonl") for n in ([task.folder] if task.eval_as else names)]
+        path = next((c for c in found if os.path.isfile(c)), None)
         if path is None:
-            raise UserError(f"data folder {data_dir} does not exist" if not os.path.isdir(data_dir) else f"missing file "
-                            f"{candidates[0]} (--data_dir must hold the official layout <Task>/{{train,val,test}}.jsonl)")
+            raise UserError(f"data folder {data_dir} does not exist" if not os.path.isdir(data_dir) else f"missing "
+                            f"file {found[0]} (--data_dir must hold the official layout <Task>/{{train,val,test}}.jsonl)")
         records = read_jsonl(path)
     rows = []
     for ordinal, (number, raw) in enumerate(records):
         try:
             rows += normalise(task, dict(raw), f"{path} line {number}", ordinal)
-        except (KeyError, TypeError, ValueError, AttributeError) as e:  # a record without the shape its task needs
+        except (KeyError, TypeError, ValueError, AttributeError) as e:  # a record without its task's shape
             raise UserError(f"{path} line {number}: malformed {task.folder} record ({type(e).__name__}: {e})") from None
     for i, row in enumerate(rows or [None]):
-        problem = "no examples" if row is None else next((f"field {f!r} should be text, got {row.get(f)!r}"
-                                                          for f in task.fields if not isinstance(row.get(f), str)), None)
-        if task.folder == "COPA" and not problem and row["question"] not in ("cause", "effect"):
+        problem = next((f"field {f!r} should be text, got {row.get(f)!r}" for f in task.fields
+                        if not isinstance(row.get(f), str)), None) if row else "has no examples"
+        if not problem and task.folder == "COPA" and row["question"] not in ("cause", "effect"):
             problem = f"COPA's question must be 'cause' or 'effect', got {row['question']!r}"
-        if task.folder == "ReCoRD" and not problem and not row["entities"]:
+        if not problem and task.folder == "ReCoRD" and not row["entities"]:
             problem = "ReCoRD needs a non-empty list of entity strings to choose from"
-        if not problem and (split != "test" or task.eval_as) and (not row["answers"] if task.folder == "ReCoRD" else row["label"] < 0):
+        if not problem and (split != "test" or task.eval_as) and (not row["answers"] if task.folder == "ReCoRD"
+                                                                  else row["label"] < 0):
             problem = "no label (only the test split may be unlabelled)"
         if problem:
-            raise UserError(f"{path} {'has ' + problem if row is None else f'example {i}: {problem}'}")
+            raise UserError(f"{path} {problem if row is None else f'example {i}: {problem}'}")
     return rows
 
 
 def split_off_dev(rows, share, seed, group_of):
     """Hold out `share` of train, per label, to choose the epoch on; the rows of one group (a MultiRC
     question) stay together. Returns (train, dev)."""
-    rng, keys, by_label = random.Random(seed), {}, defaultdict(list)
-    for row in rows:
-        keys.setdefault(group_of(row), row["label"])
-    for key, label in keys.items():
+    rng, by_label, dev = random.Random(seed), defaultdict(list), set()
+    for key, label in {group_of(row): row["label"] for row in rows}.items():
         by_label[label].append(key)
-    dev = set()
     for label in sorted(by_label):
-        rng.shuffle(by_label[label])
-        dev.update(by_label[label][:max(1, round(share * len(by_label[label])))])
+        dev.update(rng.sample(by_label[label], max(1, round(share * len(by_label[label])))))
     return [r for r in rows if group_of(r) not in dev], [r for r in rows if group_of(r) in dev]
 
 
 # -----------------------------------------------------------------------------
-# Batches: rows -> token ids, padded per batch, in length-grouped batches. A Group is one row ready for
-# the model: one input (classification) or several (COPA's or ReCoRD's candidates, or for T5's rank
-# classification the same input once per label word).
-
-
+# Batches: rows -> token ids, padded per batch, in length-grouped batches. A Group is one row ready for the
+# model: one input (a class), several (COPA's or ReCoRD's candidates), or for T5's rank classification
+# the same input once per label word.
 @dataclass
 class Group:
     task: str
@@ -412,21 +366,22 @@ class Group:
 
 
 def encode_inputs(task, row, family, tokenizer, budget):
-    """Every model input of a row, within `budget` tokens. Encoders get the tokenizer's own pair format
-    ([CLS] a [SEP] b [SEP]), decoders 'a\\nb', T5 one string. Too long: the passage field is cut by the
-    overflow, in tokens, and the row encoded again; the question or hypothesis is never cut."""
+    """Every model input of a row, within `budget` tokens: encoders get the tokenizer's pair format ([CLS] a
+    [SEP] b [SEP]), decoders 'a\\nb', T5 one string. Too long: the passage field is cut by the overflow, in
+    tokens, and the row encoded again; the question or hypothesis is never cut."""
     def build(r, cut=None):
         texts = [(task.t5(r), None)] if family == "seq2seq" else task.pair(r)
-        texts = [(f"{a}\n{b}", None) if family == "decoder" and b is not None else (a, b) for a, b in texts]
-        out = [tokenizer(a, *[b] * (b is not None), **(dict(truncation=True, max_length=cut) if cut else {})) for a, b in texts]
+        texts = [(f"{a}\n{b}", None) if family == "decoder" and b else (a, b) for a, b in texts]
+        out = [tokenizer(a, *[b] * bool(b), **(dict(truncation=True, max_length=cut) if cut else {})) for a, b in texts]
         return [(e["input_ids"], e.get("token_type_ids") if family == "encoder" else None) for e in out]
 
-    encoded, passage = build(row), tokenizer(row[task.passage], add_special_tokens=False)["input_ids"] if task.passage else []
-    keep = len(passage) - (max(len(ids) for ids, _ in encoded) - budget)
-    while max(len(ids) for ids, _ in encoded) > budget and task.passage and keep > 0:
+    encoded, passage = build(row), tokenizer(row.get(task.passage, ""), add_special_tokens=False)["input_ids"]
+    overflow = lambda: max(len(ids) for ids, _ in encoded) - budget  # noqa: E731
+    keep = len(passage) - overflow()
+    while overflow() > 0 and task.passage and keep > 0:
         encoded = build({**row, task.passage: tokenizer.decode(passage[:keep])})
-        keep -= max(max(len(ids) for ids, _ in encoded) - budget, 1)
-    return encoded if max(len(ids) for ids, _ in encoded) <= budget else build(row, budget)  # else the tokenizer cuts
+        keep -= max(overflow(), 1)
+    return encoded if overflow() <= 0 else build(row, budget)  # else the tokenizer cuts
 
 
 def encode_rows(name, rows, family, tokenizer, budget, training):
@@ -437,8 +392,9 @@ def encode_rows(name, rows, family, tokenizer, budget, training):
         encoded = encode_inputs(task, row, family, tokenizer, budget)
         ids, types = [e[0] for e in encoded], [e[1] for e in encoded] if encoded[0][1] is not None else None
         names = task.label_names or row["entities"]  # what rank classification and the argmax pick from
-        gold = [j for j, e in enumerate(names) if e in row["answers"]] if not task.label_names else [row["label"]] * (row["label"] >= 0)
-        if family != "seq2seq" and not (task.choose and training and not gold):  # an answer that is no entity: no lesson
+        gold = [j for j, e in enumerate(names) if e in row["answers"]] if not task.label_names else \
+            [row["label"]] * (row["label"] >= 0)
+        if family != "seq2seq" and not (task.choose and training and not gold):  # no entity answers: no lesson
             groups.append(Group(name, i, ids, types, None, gold))
         elif family == "seq2seq" and training:
             answers = row["answers"] if not task.label_names else [task.label_names[row["label"]]]
@@ -451,20 +407,22 @@ def encode_rows(name, rows, family, tokenizer, budget, training):
 def make_batches(groups, batch_size, seed=None):
     """Lists of group indices. With a seed: shuffled, sorted by length inside windows of 50 batches (little
     padding, yet random), the batches shuffled again. Without: sorted by length."""
-    length = lambda i: sum(map(len, groups[i].input_ids))  # noqa: E731
-    order, rng = sorted(range(len(groups)), key=length), random.Random(seed)
-    if seed is not None:
-        rng.shuffle(order)
-        order = [i for s in range(0, len(order), 50 * batch_size) for i in sorted(order[s:s + 50 * batch_size], key=length)]
+    length, rng, window = lambda i: sum(map(len, groups[i].input_ids)), random.Random(seed), 50 * batch_size
+    order = rng.sample(range(len(groups)), len(groups)) if seed is not None else range(len(groups))
+    order = [i for s in range(0, len(order), window) for i in sorted(order[s:s + window], key=length)]
+    if seed is None:
+        order = sorted(order, key=length)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     return rng.sample(batches, len(batches)) if seed is not None else batches
 
 
 def collate(groups, pad_id, device):
     """Flatten the groups' inputs, padded to the longest in THIS batch (never to max_length)."""
-    pad = lambda seqs, value: torch.tensor([s + [value] * (max(map(len, seqs)) - len(s)) for s in seqs], device=device)  # noqa: E731
+    def pad(seqs, value):
+        return torch.tensor([s + [value] * (max(map(len, seqs)) - len(s)) for s in seqs], device=device)  # (N, T)
+
     ids = [x for g in groups for x in g.input_ids]
-    batch = {"input_ids": pad(ids, pad_id), "attention_mask": pad([[1] * len(x) for x in ids], 0),  # (N, T): 1 = real
+    batch = {"input_ids": pad(ids, pad_id), "attention_mask": pad([[1] * len(x) for x in ids], 0),  # 1 = real
              "sizes": [len(g.input_ids) for g in groups]}  # inputs per group
     if groups[0].token_type_ids is not None:
         batch["token_type_ids"] = pad([x for g in groups for x in g.token_type_ids], 0)
@@ -475,38 +433,32 @@ def collate(groups, pad_id, device):
 
 # -----------------------------------------------------------------------------
 # The model: a backbone (frozen under MEPT), MEPT's prompt experts, and a head per task
-
-
-def load_backbone(name_or_path):
+def load_backbone(name):
     """Backbone, tokenizer and family ('seq2seq', 'encoder' or 'decoder'), read from the loaded model."""
     hf_logging.set_verbosity_error()  # "some weights were not used" and progress bars would bury the log
     hf_logging.disable_progress_bar()
-    local = os.path.isabs(name_or_path) or name_or_path.startswith((".", "~")) or os.path.exists(name_or_path)
-    if local and not os.path.isdir(name_or_path):
-        raise UserError(f"model path {name_or_path} does not exist (or is not a folder)")
+    local = os.path.isabs(name) or name.startswith((".", "~")) or os.path.exists(name)
+    if local and not os.path.isdir(name):
+        raise UserError(f"model path {name} does not exist (or is not a folder)")
     try:
-        config = AutoConfig.from_pretrained(name_or_path)
-        backbone = (AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModel).from_pretrained(name_or_path)
-        tokenizer, family = AutoTokenizer.from_pretrained(name_or_path), mept.backbone_family(backbone)
-    except (OSError, ValueError, ImportError) as e:  # mept's UnsupportedBackbone is a ValueError
+        auto = AutoModelForSeq2SeqLM if AutoConfig.from_pretrained(name).is_encoder_decoder else AutoModel
+        backbone, tokenizer = auto.from_pretrained(name), AutoTokenizer.from_pretrained(name)
+        family, rows = mept.backbone_family(backbone), backbone.get_input_embeddings().num_embeddings
+    except (OSError, ValueError, ImportError, NotImplementedError) as e:  # mept's refusals are ValueErrors
         if not local and isinstance(e, OSError):
-            raise UserError(f"could not load {name_or_path!r} from the Hugging Face Hub (no network, or no such model); "
+            raise UserError(f"could not load {name!r} from the Hugging Face Hub (no network, or no such model); "
                             "download it elsewhere and pass --model PATH, with --data_dir DIR for the data") from None
-        raise UserError(f"unsupported backbone {name_or_path}: {str(e).splitlines()[0]}") from None
-    try:
-        rows = backbone.get_input_embeddings().num_embeddings
-    except NotImplementedError:  # no token table: MEPT refuses such a model in a sentence of its own
-        rows = math.inf
-    if len(tokenizer) > rows:  # ids past the table would crash deep inside
-        raise UserError(f"the tokenizer of {name_or_path} has {len(tokenizer)} tokens but the model's embedding table "
+        raise UserError(f"unsupported backbone {name}: {str(e).splitlines()[0]}") from None
+    if len(tokenizer) > rows:  # ids past the embedding table would crash deep inside
+        raise UserError(f"the tokenizer of {name} has {len(tokenizer)} tokens but the model's embedding table "
                         f"only {rows} rows; they do not belong together")
     return backbone, tokenizer, family
 
 
 class TaskModel(nn.Module):
-    """`core` is MEPT(backbone), or the backbone itself (head_only, finetune). `heads` maps a task to its head
-    (none for seq2seq: T5 scores the label words with its own LM head): one linear layer on the pooled token,
-    a linear probe, for every method; --head mlp puts BERT's pooler shape (dense, tanh) before it."""
+    """`core` is MEPT(backbone), or the backbone itself (head_only, finetune). A head per task (none for
+    seq2seq: T5 scores the label words with its own LM head): dropout and one linear layer on the pooled
+    token, a linear probe, for every method; --head mlp puts BERT's pooler shape (dense, tanh) before it."""
 
     def __init__(self, core, family, head_names, args, d):  # d: the width of the backbone's output
         super().__init__()
@@ -532,21 +484,13 @@ class TaskModel(nn.Module):
         return None, (logits[:, 0] if TASKS[task].choose else logits)
 
 
-def balanced_class_weights(groups, n_classes):
-    """n / (n_classes * count_c) per class c over the labelled train groups: the mean weight per example
-    is 1 and every class carries the same total weight (sklearn's 'balanced'). (n_classes,)"""
-    counts = Counter(g.gold[0] for g in groups if g.gold)
-    return torch.tensor([sum(counts.values()) / (n_classes * counts[c]) if counts[c] else 0.0 for c in range(n_classes)])
-
-
-def group_loss_and_predictions(model, batch, groups, task, class_weights=None):
+def group_loss_and_predictions(model, batch, groups, task):
     """Run a batch: the training loss (None when nothing is labelled) and the predicted choice per group."""
     lm_loss, scores = model(batch, task)
     labelled = [i for i, g in enumerate(groups) if g.gold]
-    if scores.dim() == 2:  # a classification head, one input per group: (G, n_labels); weights: a weighted mean
+    if scores.dim() == 2:  # a classification head, one input per group: (G, n_labels)
         gold = torch.tensor([groups[i].gold[0] for i in labelled], device=scores.device)
-        weight = None if class_weights is None else class_weights.to(scores.device)
-        return (F.cross_entropy(scores[labelled], gold, weight=weight) if labelled else None), scores.argmax(-1).tolist()
+        return (F.cross_entropy(scores[labelled], gold) if labelled else None), scores.argmax(-1).tolist()
     # one score per input: each group's scores in a row, -inf where a group has fewer inputs
     per_group = nn.utils.rnn.pad_sequence(list(scores.split(batch["sizes"])), batch_first=True, padding_value=-math.inf)
     if lm_loss is not None or not labelled:
@@ -554,16 +498,14 @@ def group_loss_and_predictions(model, batch, groups, task, class_weights=None):
     is_gold = torch.zeros_like(per_group, dtype=torch.bool)  # (G, C)
     for i in labelled:
         is_gold[i, groups[i].gold] = True
-    # -log(the softmax mass on the gold inputs): cross-entropy for COPA, several golds for ReCoRD
-    rows = per_group[labelled]
-    return (rows.logsumexp(-1) - rows.masked_fill(~is_gold[labelled], -math.inf).logsumexp(-1)).mean(), per_group.argmax(-1).tolist()
+    rows = per_group[labelled]  # -log(softmax mass on the gold inputs): cross-entropy; several golds for ReCoRD
+    loss = (rows.logsumexp(-1) - rows.masked_fill(~is_gold[labelled], -math.inf).logsumexp(-1)).mean()
+    return loss, per_group.argmax(-1).tolist()
 
 
 # -----------------------------------------------------------------------------
 # Checkpoints: best/ and last/ hold only what trains (mept.py's files, head.safetensors), written to a
 # temporary folder and renamed, so that an interrupted save never replaces a good one
-
-
 def recover_checkpoint(directory):
     """A save killed between its two renames leaves only directory.old: put it back."""
     if not os.path.isdir(directory) and os.path.isdir(directory + ".old"):
@@ -590,19 +532,13 @@ def save_checkpoint(model, directory, run_config, trainer_state=None):
         elif run_config["method"] == "finetune":  # save_model stores T5's tied embeddings once
             save_model(model.core, os.path.join(tmp, "backbone.safetensors"))
         if len(model.heads):
-            save_file({k: v.contiguous().cpu() for k, v in model.heads.state_dict().items()}, os.path.join(tmp, "head.safetensors"))
+            save_file({k: v.contiguous().cpu() for k, v in model.heads.state_dict().items()},
+                      os.path.join(tmp, "head.safetensors"))
         with open(os.path.join(tmp, "run_config.json"), "w") as f:
             json.dump(run_config, f, indent=2)
         if trainer_state is not None:  # last/ only: what --resume needs
             torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
     write_atomically(directory, write)
-
-
-def read_run_config(directory):
-    if not os.path.isfile(os.path.join(directory, "run_config.json")):
-        raise UserError(f"{directory} is not a checkpoint of this script (no run_config.json)")
-    with open(os.path.join(directory, "run_config.json")) as f:
-        return json.load(f)
 
 
 def build_model(backbone, family, method, mept_config, head_names, args, checkpoint=None):
@@ -611,7 +547,8 @@ def build_model(backbone, family, method, mept_config, head_names, args, checkpo
         try:
             core = mept.MEPT.from_pretrained(backbone, checkpoint) if checkpoint else mept.MEPT(backbone, mept_config)
         except ValueError as e:  # mept.py speaks of MEPTConfig fields; here they are flags
-            what = "unsupported backbone: " if isinstance(e, mept.UnsupportedBackbone) else "" if checkpoint else "impossible MEPT settings: "
+            what = "unsupported backbone: " if isinstance(e, mept.UnsupportedBackbone) else \
+                "" if checkpoint else "impossible MEPT settings: "
             raise UserError(what + str(e).replace("layers=[0]", "--layers 0")) from None
     else:
         core = backbone.requires_grad_(method == "finetune")  # head_only: a linear probe on a frozen backbone
@@ -625,18 +562,15 @@ def build_model(backbone, family, method, mept_config, head_names, args, checkpo
 
 # -----------------------------------------------------------------------------
 # Evaluation: every row of a split scored, the official metrics, and the routing's health
-
-
 def routing_health(experts, n_experts, gold=None, n_classes=1):
-    """One routed block on a split, from the top expert of each example: the entropy of the expert load in
-    bits (log2 E: a uniform load; 0: one expert takes all), the share of the busiest expert (above 0.9:
-    collapsed) and, given gold classes, the mutual information in bits between expert and class (0: the
-    routing knows nothing of the label)."""
+    """One routed block on a split, from each example's top expert: the entropy of the expert load in bits
+    (log2 E: even; 0: one expert takes all), the busiest expert's share (above 0.9: collapsed) and, given
+    gold classes, the mutual information in bits of expert and class (0: routing ignores the label)."""
     joint = torch.zeros(n_experts, max(n_classes, 1))  # (E, C): how many examples of class c took expert e
     for e, c in zip(experts, gold or [0] * len(experts)):
         joint[e, c] += 1
     p = joint / joint.sum()  # (E, C)
-    bits = lambda q: abs((q[q > 0] * q[q > 0].log2()).sum().item())  # noqa: E731  (the entropy of a distribution)
+    bits = lambda q: abs((q[q > 0] * q[q > 0].log2()).sum().item())  # noqa: E731  (a distribution's entropy)
     health = {"load_entropy": bits(p.sum(1)), "top_share": p.sum(1).max().item()}
     return health | ({"mutual_information": bits(p.sum(1)) + bits(p.sum(0)) - bits(p.flatten())} if gold else {})
 
@@ -652,30 +586,31 @@ def evaluate(model, name, rows, groups, pad_id, args, device, autocast):
         batch = collate(batch_groups, pad_id, device)
         with autocast():
             _, choices = group_loss_and_predictions(model, batch, batch_groups, name)
-        first = [sum(batch["sizes"][:i]) for i in range(len(batch_groups))]  # each group's first input
         for g, choice in zip(batch_groups, choices):
             preds[g.row] = choice if task.label_names else rows[g.row]["entities"][choice]
+        first = [sum(batch["sizes"][:i]) for i in range(len(batch_groups))]  # each group's first input
         for layer, routing in getattr(model.core, "routing", {}).items():
             picks[layer].update(zip([g.row for g in batch_groups], routing.expert_idx[first].tolist()))
     labelled = all(r["label"] >= 0 for r in rows) if task.label_names else all(r["answers"] for r in rows)
     routing = {}
     for layer, by_row in sorted(picks.items()):
         n_experts, order = model.core.config.n_experts, sorted(by_row)
-        load, classes = Counter(e for experts in by_row.values() for e in experts), labelled and not task.choose
+        load, gold = Counter(e for experts in by_row.values() for e in experts), [rows[r]["label"] for r in order]
         routing[str(layer)] = {"load": [load[e] for e in range(n_experts)], **routing_health(
-            [by_row[r][0] for r in order], n_experts, [rows[r]["label"] for r in order] if classes else None, len(task.label_names))}
+            [by_row[r][0] for r in order], n_experts, gold if labelled and not task.choose else None, len(task.label_names))}
     return (task.metrics(rows, preds) if labelled else None), preds, routing
 
 
 def write_predictions(path, name, rows, preds):
     """The leaderboard's jsonl: {"idx", "label"} per row; MultiRC nested by paragraph and question."""
-    submit = TASKS[name].submit or (lambda i: TASKS[name].label_names[i])  # default: the class name
+    submit = TASKS[name].submit or (lambda i: TASKS[name].label_names[i])  # by default the class name
     lines = [{"idx": r["idx"]["query"] if name == "record" else r["idx"], "label": submit(p)} for r, p in zip(rows, preds)]
     if name == "multirc":  # the answers go back under their question and paragraph
         nested = defaultdict(lambda: defaultdict(list))
         for line in lines:
-            nested[line["idx"]["paragraph"]][line["idx"]["question"]].append({"idx": line["idx"]["answer"], "label": line["label"]})
-        lines = [{"idx": p, "passage": {"questions": [{"idx": q, "answers": a} for q, a in qs.items()]}} for p, qs in nested.items()]
+            nested[line["idx"]["paragraph"]][line["idx"]["question"]].append({**line, "idx": line["idx"]["answer"]})
+        lines = [{"idx": p, "passage": {"questions": [{"idx": q, "answers": a} for q, a in qs.items()]}}
+                 for p, qs in nested.items()]
     with open(path + ".tmp", "w") as f:
         f.writelines(json.dumps(line) + "\n" for line in lines)
     os.replace(path + ".tmp", path)
@@ -683,26 +618,26 @@ def write_predictions(path, name, rows, preds):
 
 # -----------------------------------------------------------------------------
 # The recipe's five steps, in the order main() takes them
-
-
 @dataclass
 class Run:
-    """What the steps hand on: the checked flags, then the data, then the model and its surroundings."""
+    """What the steps hand on: the checked flags; the data (task -> split -> rows, the splits being train,
+    dev, the slice of train that chooses the epoch, report and test) and its Groups; the model and its
+    surroundings; run_config, what best/ and last/ record; and the loop's counters."""
     args: argparse.Namespace
     names: list  # the tasks
     out: str  # the output folder
     method: str
     mept_config: Optional[mept.MEPTConfig]
     saved: Optional[dict]  # run_config.json of --checkpoint, or of last/ when resuming
-    data: dict = None  # task -> split -> rows; the splits: train, dev (the slice of train), report, test
-    encoded: dict = None  # task -> split -> Groups
+    data: dict = None
+    encoded: dict = None
     model: nn.Module = None
     family: str = None
     run_config: dict = None
     pad_id: int = 0
     device: torch.device = None
     autocast: Callable = None
-    trained: dict = None  # the loop's counters: best_epoch, best_step, steps
+    trained: dict = None
 
     def evaluate(self, split):
         """({task: metrics}, {task: predictions}, {task: routing}) on one split of every task that has it."""
@@ -711,56 +646,56 @@ class Run:
         return tuple({n: r[i] for n, r in found.items()} for i in range(3))
 
 
-SAME_RUN = {"data_dir", "output_dir", "overwrite_output_dir", "resume", "eval_only", "checkpoint", "predict", "device",
-            "precision", "eval_batch_size", "max_eval_samples"}  # the flags --resume may change: they shape no step
-
-
 def parse_args(argv):
     """Step 1: the flags, checked before anything on disk is touched; a bad one is a UserError."""
     args = build_parser().parse_args(argv)
-    names = list(dict.fromkeys(ALIASES.get(t.strip().lower(), t.strip().lower()) for t in args.task.split(",") if t.strip()))
-    if not names or any(n not in TASKS for n in names):
-        raise UserError(f"unknown task {next((n for n in names if n not in TASKS), args.task)!r}; choose from "
-                        f"{', '.join(sorted(TASKS))} or a comma list of them")
-    diagnostic = next((n for n in names if TASKS[n].eval_as), None)
+    names = list(dict.fromkeys(ALIASES.get(t.strip().lower(), t.strip().lower()) for t in args.task.split(",")))
+    diagnostic = next((n for n in names if n in TASKS and TASKS[n].eval_as), None)
     out = args.output_dir or os.path.join("out", f"{'_'.join(names)}_{'eval' if args.eval_only else args.method}")
     old = next((f for f in ("results.json", "log.jsonl", "best") if os.path.exists(os.path.join(out, f))), None)
+    last = os.path.join(out, "last")
+    for folder in (last, os.path.join(out, "best")) if args.resume else ():
+        recover_checkpoint(folder)
     for wrong, sentence in [  # (what is wrong, the sentence that says so)
+            (any(n not in TASKS for n in names), f"unknown task {next((n for n in names if n not in TASKS), '')!r}; "
+             f"choose from {', '.join(sorted(TASKS))} or a comma list of them"),
             (diagnostic and not args.eval_only, f"{diagnostic} is a diagnostic without training data: train on rte, "
              f"then run --task {diagnostic} --eval_only --checkpoint <rte output_dir>/best"),
-            (args.eval_only and not args.checkpoint, "--eval_only needs --checkpoint DIR (a best/ folder of a run)"),
-            (args.checkpoint and not args.eval_only, "--checkpoint is for --eval_only; to continue a run use --resume"),
+            (args.eval_only != bool(args.checkpoint), "--eval_only and --checkpoint DIR (a best/ folder) go together; "
+             "to continue a run, use --resume"),
             (args.resume and args.eval_only, "--resume and --eval_only exclude each other"),
-            (args.checkpoint and not os.path.isdir(str(args.checkpoint)), f"checkpoint folder {args.checkpoint} does not exist"),
+            (args.checkpoint and not os.path.isfile(os.path.join(str(args.checkpoint), "run_config.json")),
+             f"{args.checkpoint} is no checkpoint of this script (no run_config.json)"),
+            (args.resume and not os.path.isfile(os.path.join(last, "trainer_state.pt")), f"nothing to resume: {last} "
+             "holds no checkpoint"),
             (not args.eval_only and not (args.max_steps or args.num_epochs), "nothing to train: --num_epochs and "
              "--max_steps are both 0; give one of them a positive value"),
             (os.path.exists(out) and not os.path.isdir(out), f"--output_dir {out} is a file, not a folder"),
-            (old and not (args.resume or args.overwrite_output_dir), f"{out} already holds a run ({old}); pass --resume, "
-             "--overwrite_output_dir or another --output_dir")]:
+            (old and not (args.resume or args.overwrite_output_dir), f"{out} already holds a run ({old}); pass "
+             "--resume, --overwrite_output_dir or another --output_dir"),
+            (args.layers and not re.fullmatch(r"all|\d+(,\d+)*", args.layers), f"--layers must be 'all' or a comma "
+             f"list of block indices, got {args.layers!r}")]:
         if wrong:
             raise UserError(sentence)
-    saved = read_run_config(args.checkpoint) if args.checkpoint else None
-    untrained = [TASKS[n].eval_as or n for n in names if saved and (TASKS[n].eval_as or n) not in saved["tasks"]]
+    saved = None
+    if args.checkpoint or args.resume:
+        with open(os.path.join(args.checkpoint or last, "run_config.json")) as f:
+            saved = json.load(f)
+    untrained = [TASKS[n].eval_as or n for n in names if args.eval_only and (TASKS[n].eval_as or n) not in saved["tasks"]]
     if untrained:  # a T5 checkpoint has no head per task that would refuse
-        raise UserError(f"checkpoint {args.checkpoint} was trained on {','.join(saved['tasks'])}, not on {untrained[0]}; "
-                        "evaluate it on the tasks it learned")
-    if args.resume:
-        for folder in ("last", "best"):
-            recover_checkpoint(os.path.join(out, folder))
-        if not os.path.isfile(os.path.join(out, "last", "trainer_state.pt")):
-            raise UserError(f"nothing to resume: {os.path.join(out, 'last')} holds no checkpoint")
-        saved = read_run_config(os.path.join(out, "last"))
-        now = {k: v for k, v in vars(args).items() if k not in SAME_RUN and not (k == "num_epochs" and args.max_steps)}
-        changed = next((k for k, v in now.items() if saved["args"].get(k, v) != v), None)  # another flag: another run
-        if changed:
-            raise UserError(f"--resume continues the run in {out}, which used --{changed} {saved['args'][changed]}, not "
-                            f"{now[changed]}; pass the same flags as that run")
+        raise UserError(f"checkpoint {args.checkpoint} was trained on {','.join(saved['tasks'])}, not on "
+                        f"{untrained[0]}; evaluate it on the tasks it learned")
+    # a resumed run must be the same run: every flag that shapes it as it was
+    free = {"data_dir", "output_dir", "overwrite_output_dir", "resume", "predict", "device", "precision",
+            "eval_batch_size", "max_eval_samples"} | ({"num_epochs"} if args.max_steps else set())
+    changed = next((k for k, v in vars(args).items() if args.resume and k not in free and saved["args"][k] != v), None)
+    if changed:
+        raise UserError(f"--resume continues the run in {out}, which used --{changed} {saved['args'][changed]}, "
+                        f"not {vars(args)[changed]}; pass the same flags as that run")
     method = saved["method"] if args.eval_only else args.method
     overrides = {k: getattr(args, k) for k in ("n_experts", "prompt_len", "top_k", "router_noise", "shared_expert",
                                                "balance_coef", "init") if getattr(args, k) is not None}
-    if args.layers is not None and not re.fullmatch(r"all|\d+(,\d+)*", args.layers):
-        raise UserError(f"--layers must be 'all' or a comma list of block indices, got {args.layers!r}")
-    if args.layers is not None:
+    if args.layers:
         overrides["layers"] = None if args.layers == "all" else [int(x) for x in args.layers.split(",")]
     try:
         config = mept.MEPTConfig.preset(method, **overrides) if method in mept.PRESETS and not args.eval_only else None
@@ -783,46 +718,40 @@ def load_data(run):
         if not task.eval_as and not args.eval_only:
             train_rows, dev = load_split(task, "train", args.data_dir), []
             if args.dev_from_train > 0:  # a MultiRC question's answers stay together
-                group = lambda r: json.dumps(r["idx"] if name != "multirc" else [r["idx"]["paragraph"], r["idx"]["question"]])  # noqa: E731
-                train_rows, dev = split_off_dev(train_rows, args.dev_from_train, args.seed, group)
-                splits["dev"] = take(dev, args.max_eval_samples)
+                key = lambda r: json.dumps(r["idx"] if name != "multirc" else [r["idx"]["paragraph"], r["idx"]["question"]])  # noqa: E731
+                train_rows, dev = split_off_dev(train_rows, args.dev_from_train, args.seed, key)
             if not train_rows:
-                raise UserError(f"--dev_from_train {args.dev_from_train} leaves no {name} rows to train on (every row "
-                                "went to dev); lower it or use more training data")
-            splits["train"] = take(train_rows, args.max_train_samples)
+                raise UserError(f"--dev_from_train {args.dev_from_train} leaves no {name} rows to train on (every "
+                                "row went to dev); lower it or use more training data")
+            splits.update(train=take(train_rows, args.max_train_samples), dev=take(dev, args.max_eval_samples))
         splits["report"] = take(load_split(task, "test" if task.eval_as else "validation", args.data_dir), args.max_eval_samples)
         if args.predict:
             splits["test"] = take(load_split(task, "test", args.data_dir), args.max_eval_samples)
 
 
 def build(run):
-    """Step 3: seed, device, backbone, MEPT (or not), heads; from a checkpoint, its weights. Every split is
-    then encoded once."""
+    """Step 3: seed, device, backbone, MEPT (or not), heads; a checkpoint's weights. Every split encoded."""
     args = run.args
     set_seed(args.seed)
-    run.device = pick_device(args.device)
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and run.device.type == "cuda" and torch.cuda.is_bf16_supported())
+    found = [d for d, ok in (("cuda", torch.cuda.is_available()), ("mps", torch.backends.mps.is_available()),
+                             ("cpu", True)) if ok]
+    if args.device not in found + ["auto"]:
+        raise UserError(f"--device {args.device} is not available here ({', '.join(found)} are); try --device auto")
+    run.device = torch.device(found[0] if args.device == "auto" else args.device)
+    bf16 = args.precision == "bf16" or args.precision == "auto" and found[0] == "cuda" and torch.cuda.is_bf16_supported()
     run.autocast = lambda: torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=bf16)
     name = args.model or (run.saved["model"] if run.saved else "t5-base")
     backbone, tokenizer, run.family = load_backbone(name)
     limit = min(tokenizer.model_max_length, getattr(backbone.config, "max_position_embeddings", None) or math.inf)
-    weighted = args.class_weights == "balanced" and not args.eval_only
-    for wrong, sentence in [
-            (run.saved and run.saved["family"] != run.family, f"{name} is a {run.family}, but the run in "
-             f"{args.checkpoint or run.out} trained a {(run.saved or {}).get('family')}; use the model it trained"),
-            (args.max_length > limit, f"--max_length {args.max_length} exceeds the {limit} positions of {name}"),
-            (run.family == "seq2seq" and run.method == "head_only", "--method head_only needs a task head, and a seq2seq "
-             "backbone (T5) has none: it scores the label words with its LM head; use an encoder or a decoder"),
-            (weighted and run.family == "seq2seq", "--class_weights balanced weights a classification head, and seq2seq "
-             "backbones (T5) train on label words instead; drop the flag or use an encoder or a decoder"),
-            (weighted and all(TASKS[n].choose for n in run.names), f"--class_weights balanced has nothing to weight: "
-             f"{', '.join(run.names)} pick a candidate rather than a class; drop the flag")]:
-        if wrong:
-            raise UserError(sentence)
+    if args.max_length > limit:
+        raise UserError(f"--max_length {args.max_length} exceeds the {limit} positions of {name}")
+    if run.family == "seq2seq" and run.method == "head_only":
+        raise UserError("--method head_only needs a task head, and a seq2seq backbone (T5) has none: it scores the "
+                        "label words with its LM head; use an encoder or a decoder")
     run.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    heads, checkpoint = sorted({TASKS[n].eval_as or n for n in run.names}), args.checkpoint
-    run.model = build_model(backbone, run.family, run.method, run.mept_config, heads, args,
-                            os.path.join(run.out, "last") if args.resume else checkpoint).to(run.device)
+    heads = sorted({TASKS[n].eval_as or n for n in run.names})
+    checkpoint = os.path.join(run.out, "last") if args.resume else args.checkpoint
+    run.model = build_model(backbone, run.family, run.method, run.mept_config, heads, args, checkpoint).to(run.device)
     run.mept_config = run.model.core.config if isinstance(run.model.core, mept.MEPT) else None
     run.run_config = {"model": name, "family": run.family, "method": run.method, "tasks": run.names, "heads": heads,
                       "mept": asdict(run.mept_config) if run.mept_config else None, "args": vars(args)}
@@ -833,48 +762,52 @@ def build(run):
 
 
 def train(run):
-    """Step 4, the loop: single-task batches in a seeded order across tasks, gradient accumulation,
-    clipping, linear warmup and decay; an evaluation every epoch (or --eval_steps) that keeps best/ by the
-    selection score (the dev slice of train) and saves last/ for --resume."""
-    args, model = run.args, run.model
-    groups = {n: run.encoded[n]["train"] for n in run.names}
-    weights = {n: balanced_class_weights(groups[n], len(TASKS[n].label_names))
-               if args.class_weights == "balanced" and not TASKS[n].choose else None for n in run.names}
+    """Step 4, the loop: single-task batches in a seeded order across tasks, gradient accumulation and
+    clipping, AdamW (or Adafactor) with a learning rate per group (prompts and routers; heads; for finetune
+    the backbone) under a linear warmup and decay. An evaluation every epoch (or --eval_steps) keeps best/
+    by the selection score (the dev slice of train) and saves last/, with all that --resume needs."""
+    args, model, groups = run.args, run.model, {n: run.encoded[n]["train"] for n in run.names}
 
     def epoch_batches(epoch):  # the order depends on (seed, epoch) alone, so that a resumed run replays it
         batches = [(n, b) for n in run.names for b in make_batches(groups[n], args.batch_size, f"{args.seed}-{epoch}-{n}")]
-        return random.Random(args.seed * 1000 + epoch).sample(batches, len(batches))
+        return random.Random(f"{args.seed}-{epoch}").sample(batches, len(batches))
 
-    per_epoch = math.ceil(len(epoch_batches(0)) / args.gradient_accumulation_steps)  # optimizer steps
-    total = args.max_steps or per_epoch * args.num_epochs
-    optimizer, schedule = optimizer_and_schedule(run, total)
+    total = args.max_steps or math.ceil(len(epoch_batches(0)) / args.gradient_accumulation_steps) * args.num_epochs
+    prompt = lambda name: isinstance(model.core, mept.MEPT) and not name.startswith("backbone.")  # noqa: E731
+    trained = [(n, p) for n, p in model.core.named_parameters() if p.requires_grad]
+    param_groups = [g for g in [dict(params=[p for n, p in trained if prompt(n)], lr=args.lr),
+                                dict(params=list(model.heads.parameters()), lr=args.head_lr),
+                                dict(params=[p for n, p in trained if not prompt(n)], lr=args.backbone_lr)] if g["params"]]
+    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, weight_decay=args.weight_decay) if args.optimizer == "adamw" \
+        else Adafactor(param_groups, lr=args.lr, relative_step=False, scale_parameter=False, weight_decay=args.weight_decay)
+    warmup = math.ceil(args.warmup_ratio * total)  # then a linear decay to 0 at the last step
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min((s + 1) / (warmup + 1), (total - s) / max(1, total - warmup)))
     state = dict(epoch=0, batches_done=0, step=0, best_score=-math.inf, best_epoch=None, best_step=None, bad_evals=0,
                  log_lines=0, elapsed=0.0)
+    log, kept = os.path.join(run.out, "log.jsonl"), []
     if args.resume:  # the optimizer, the schedule, the random stream and the counters, as they were saved
         saved = torch.load(os.path.join(run.out, "last", "trainer_state.pt"), weights_only=False)
         optimizer.load_state_dict(saved["optimizer"])
         schedule.load_state_dict(saved["schedule"])
         torch.set_rng_state(saved["torch_rng"])
         state = saved["state"]
-        with open(os.path.join(run.out, "log.jsonl")) as f:  # forget the evaluations after the checkpoint
+        with open(log) as f:  # the evaluations logged after that checkpoint are forgotten
             kept = f.readlines()[:state["log_lines"]]
-    for stale in ("log.jsonl", "results.json", "best", "last") if not args.resume else ():  # a clean slate
-        path = os.path.join(run.out, stale)
-        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path) if os.path.exists(path) else None
+    for path in [] if args.resume else [os.path.join(run.out, f) for f in ("results.json", "best", "last")]:
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path) if os.path.isfile(path) else None  # a clean slate
     os.makedirs(run.out, exist_ok=True)
-    with open(os.path.join(run.out, "log.jsonl"), "w") as f:
-        f.writelines(kept if args.resume else [])
-    run.clock, losses, bar = time.time() - state["elapsed"], [], tqdm(total=total, initial=state["step"], disable=None)
-    patience_out = lambda: bool(args.patience) and state["bad_evals"] >= args.patience  # noqa: E731
-    while state["step"] < total and not patience_out():  # a resumed run that was out of patience stops at once
+    with open(log, "w") as f:
+        f.writelines(kept)
+    clock, losses, bar = time.time() - state["elapsed"], [], tqdm(total=total, initial=state["step"], disable=None)
+    out_of_patience = lambda: bool(args.patience) and state["bad_evals"] >= args.patience  # noqa: E731
+    while state["step"] < total and not out_of_patience():  # a resumed run that ran out of patience stops at once
         batches = epoch_batches(state["epoch"])
         model.train()
         for i in range(state["batches_done"], len(batches)):
             name, indices = batches[i]
             batch_groups = [groups[name][j] for j in indices]
             with run.autocast():
-                loss, _ = group_loss_and_predictions(model, collate(batch_groups, run.pad_id, run.device), batch_groups,
-                                                     name, weights[name])
+                loss, _ = group_loss_and_predictions(model, collate(batch_groups, run.pad_id, run.device), batch_groups, name)
                 loss = loss + getattr(model.core, "aux_loss", 0.0)  # MEPT's balance term (0 unless asked for)
             (loss / args.gradient_accumulation_steps).backward()
             losses.append(loss.item())
@@ -885,59 +818,35 @@ def train(run):
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
-            state.update(step=state["step"] + 1, batches_done=i + 1)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{schedule.get_last_lr()[0]:.2e}")
             end_of_epoch = i + 1 == len(batches)
-            if end_of_epoch:
-                state.update(epoch=state["epoch"] + 1, batches_done=0)
-            if end_of_epoch or state["step"] == total or (args.eval_steps and state["step"] % args.eval_steps == 0):
-                epoch = state["epoch"] if end_of_epoch else round(state["epoch"] + (i + 1) / len(batches), 2)
-                evaluate_and_save(run, state, optimizer, schedule, epoch, sum(losses) / len(losses))
-                losses = []
-                model.train()
-                if state["step"] == total or patience_out():
-                    break
+            state.update(step=state["step"] + 1, batches_done=0 if end_of_epoch else i + 1, epoch=state["epoch"] + end_of_epoch)
+            bar.update(1)
+            if not (end_of_epoch or state["step"] == total or args.eval_steps and state["step"] % args.eval_steps == 0):
+                continue  # the evaluation: at each epoch's end, every --eval_steps, and after the last step
+            report, _, routing = run.evaluate("report")
+            select = run.evaluate("dev")[0] if args.dev_from_train > 0 else report  # the dev slice chooses
+            score = sum(sum(m.values()) / len(m) for m in select.values()) / len(select)  # the leaderboard's score
+            epoch, improved = round(state["epoch"] + state["batches_done"] / len(batches), 2), score > state["best_score"]
+            state["bad_evals"] = 0 if improved else state["bad_evals"] + 1
+            if improved:
+                state.update(best_score=score, best_epoch=epoch, best_step=state["step"])
+                save_checkpoint(model, os.path.join(run.out, "best"), run.run_config)
+            entry = {"epoch": epoch, "step": state["step"], "loss": sum(losses) / len(losses), "lr": schedule.get_last_lr()[0],
+                     "metrics": report, "dev_metrics": select, "elapsed": round(time.time() - clock, 2), "routing": routing}
+            with open(log, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+            tqdm.write(f"epoch {epoch} | step {state['step']} | loss {entry['loss']:.4f} | lr {entry['lr']:.2e} | "
+                       + " | ".join(f"{n} {show(m)}" for n, m in report.items()) + f"{' | best' * improved} | {entry['elapsed']:.0f}s")
+            state.update(log_lines=state["log_lines"] + 1, elapsed=time.time() - clock)
+            save_checkpoint(model, os.path.join(run.out, "last"), run.run_config, trainer_state={
+                "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "torch_rng": torch.get_rng_state(),
+                "state": dict(state)})
+            losses = []
+            model.train()
+            if state["step"] == total or out_of_patience():
+                break
     bar.close()
-    run.trained = {k: state[k] for k in ("best_epoch", "best_step")} | {"steps": state["step"]}
-
-
-def optimizer_and_schedule(run, total):
-    """AdamW (or Adafactor) over three groups with their own learning rates: MEPT's prompts and routers, the
-    heads and (finetune) the backbone; a linear warmup to the full rate, then a linear decay to 0."""
-    args, core = run.args, run.model.core
-    is_prompt = lambda name: isinstance(core, mept.MEPT) and not name.startswith("backbone.")  # noqa: E731
-    trained = [(n, p) for n, p in core.named_parameters() if p.requires_grad]
-    groups = [g for g in [dict(params=[p for n, p in trained if is_prompt(n)], lr=args.lr),
-                          dict(params=list(run.model.heads.parameters()), lr=args.head_lr),
-                          dict(params=[p for n, p in trained if not is_prompt(n)], lr=args.backbone_lr)] if g["params"]]
-    optimizer = Adafactor(groups, lr=args.lr, relative_step=False, scale_parameter=False, warmup_init=False,
-                          weight_decay=args.weight_decay) if args.optimizer == "adafactor" else \
-        torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)  # Adafactor: under our schedule
-    warmup = math.ceil(args.warmup_ratio * total)
-    decay = lambda step: 1.0 if args.lr_schedule == "constant" else max(0.0, (total - step) / max(1, total - warmup))  # noqa: E731
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / (warmup + 1) if s < warmup else decay(s))
-
-
-def evaluate_and_save(run, state, optimizer, schedule, epoch, loss):
-    """One evaluation: a line on screen and in log.jsonl, best/ when the selection score improved, last/."""
-    report, _, routing = run.evaluate("report")
-    select = run.evaluate("dev")[0] if run.args.dev_from_train > 0 else report  # the dev slice of train chooses
-    entry = {"epoch": epoch, "step": state["step"], "loss": loss, "lr": schedule.get_last_lr()[0], "metrics": report,
-             "dev_metrics": select, "elapsed": round(time.time() - run.clock, 2), "routing": routing}
-    score = sum(task_score(m) for m in select.values()) / len(select)
-    improved, state["bad_evals"] = score > state["best_score"], state["bad_evals"] + 1
-    if improved:
-        state.update(best_score=score, best_epoch=epoch, best_step=state["step"], bad_evals=0)
-        save_checkpoint(run.model, os.path.join(run.out, "best"), run.run_config)
-    with open(os.path.join(run.out, "log.jsonl"), "a") as f:
-        f.write(json.dumps(entry) + "\n")
-    state.update(log_lines=state["log_lines"] + 1, elapsed=time.time() - run.clock)
-    tqdm.write(f"epoch {epoch} | step {state['step']} | loss {loss:.4f} | lr {entry['lr']:.2e} | " + " | ".join(
-        f"{n} {format_metrics(m)}" for n, m in report.items()) + f"{' | best' if improved else ''} | {entry['elapsed']:.0f}s")
-    save_checkpoint(run.model, os.path.join(run.out, "last"), run.run_config, trainer_state={
-        "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "torch_rng": torch.get_rng_state(),
-        "state": dict(state)})
+    run.trained = {"best_epoch": state["best_epoch"], "best_step": state["best_step"], "steps": state["step"]}
 
 
 def report(run, started):
@@ -949,61 +858,37 @@ def report(run, started):
         run.model = build_model(core, run.family, run.method, None, run.run_config["heads"], args,
                                 os.path.join(run.out, "best")).to(run.device)
     metrics, preds, routing = run.evaluate("report")
-    results = {"args": vars(args), "versions": package_versions(), **run.run_config, **(run.trained or {}),
-               "trainable_params": mept.parameters_line(run.model), "metrics": metrics, "routing": routing,
+    results = {**run.run_config, **(run.trained or {}), "metrics": metrics, "routing": routing,
+               "versions": {p: version(p) for p in ("torch", "transformers", "datasets", "tqdm")},
+               "trainable_params": mept.parameters_line(run.model),
                "report_split": "test (labelled diagnostic)" if any(TASKS[n].eval_as for n in run.names) else "validation",
                "selected_on": "train slice (--dev_from_train)" if args.dev_from_train > 0 else "validation",
                "n_rows": {n: {s: len(r) for s, r in splits.items()} for n, splits in run.data.items()},
                # how often each class is predicted: a class never predicted (CB's neutral) caps macro-F1
                "predicted": {n: {label: p.count(i) for i, label in enumerate(TASKS[n].label_names)}
                              for n, p in preds.items() if TASKS[n].label_names and not TASKS[n].choose},
+               "prompt_params": run.model.core.prompt_param_counts() if run.mept_config else None,
                "wall_time_seconds": round(time.time() - started, 1)}
-    if isinstance(run.model.core, mept.MEPT):
-        results["prompt_params"] = run.model.core.prompt_param_counts()
-    if not args.eval_only:
-        with open(os.path.join(run.out, "log.jsonl")) as f:
-            results["last_metrics"] = [json.loads(line) for line in f][-1]["metrics"]
     os.makedirs(run.out, exist_ok=True)
-    if args.predict:  # the leaderboard's own file names (CB.jsonl, AX-b.jsonl, ...): zip them as they are
-        for n, p in run.evaluate("test")[1].items():
-            write_predictions(os.path.join(run.out, f"{TASKS[n].folder}.jsonl"), n, run.data[n]["test"], p)
+    for n, p in run.evaluate("test")[1].items() if args.predict else []:  # the leaderboard's files, to zip as they are
+        write_predictions(os.path.join(run.out, f"{TASKS[n].folder}.jsonl"), n, run.data[n]["test"], p)
     with open(os.path.join(run.out, "results.json.tmp"), "w") as f:
         json.dump(results, f, indent=2, default=str)
     os.replace(os.path.join(run.out, "results.json.tmp"), os.path.join(run.out, "results.json"))
-    for n, blocks in [(n, b) for n, b in routing.items() if b]:  # the routing's health, a line per task
-        entropy, mi = [b["load_entropy"] for b in blocks.values()], [b.get("mutual_information", 0) for b in blocks.values()]
-        print(f"routing | {n} | {sum(b['top_share'] > 0.9 for b in blocks.values())} of {len(blocks)} blocks collapsed "
-              f"(top expert > 90%) | load entropy {min(entropy):.2f}-{max(entropy):.2f} of {math.log2(run.mept_config.n_experts):.2f} "
-              f"bits | expert-label MI up to {max(mi):.3f} bits")
+    for n, blocks in [(n, list(b.values())) for n, b in routing.items() if b]:  # the routing's health, per task
+        print(f"routing | {n} | {sum(b['top_share'] > 0.9 for b in blocks)} of {len(blocks)} blocks collapsed (top "
+              f"expert > 90%) | load entropy {min(b['load_entropy'] for b in blocks):.2f}-"
+              f"{max(b['load_entropy'] for b in blocks):.2f} of {math.log2(run.mept_config.n_experts):.2f} bits | "
+              f"expert-label MI up to {max(b.get('mutual_information', 0) for b in blocks):.3f} bits")
     chosen = f"checkpoint {args.checkpoint}" if args.eval_only else \
         f"best epoch {results['best_epoch']} (selected on {results['selected_on']})"
-    shown = " | ".join(f"{n} {results['report_split']} {format_metrics(m)}" for n, m in metrics.items())
+    shown = " | ".join(f"{n} {results['report_split']} {show(m)}" for n, m in metrics.items())
     print(f"final | {chosen} | {shown} | {results['wall_time_seconds']:.0f}s", flush=True)
     return results
 
 
-def format_metrics(metrics):
-    return " ".join(f"{k} {100 * v:.2f}" for k, v in metrics.items())
-
-
-def pick_device(choice):
-    found = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
-    if choice not in found and choice != "auto":
-        raise UserError(f"--device must be auto, cpu, cuda or mps, got {choice!r}")
-    if choice != "auto" and not found[choice]:
-        raise UserError(f"--device {choice} is not available on this machine; try --device auto")
-    return torch.device(next(d for d, ok in found.items() if ok) if choice == "auto" else choice)
-
-
-def package_versions():
-    from importlib.metadata import version
-    return {"python": sys.version.split()[0], **{p: version(p) for p in ("torch", "transformers", "datasets", "tqdm")}}
-
-
 # -----------------------------------------------------------------------------
 # main: the recipe
-
-
 def main(argv=None):
     """Check the flags, load the data, build the model, train it, evaluate and report."""
     started = time.time()
