@@ -395,7 +395,7 @@ def test_full_finetuning_of_a_model_with_tied_embeddings_saves_and_reloads(tmp_p
 def test_resume_keeps_an_early_stop_and_refuses_other_flags(tmp_path, data_dir, models):
     """A run that ran out of patience and is resumed (say it was killed before results.json) stops
     where the uninterrupted run stopped; resuming with another method is refused in one line."""
-    flags = ("--task", "cb", "--num_epochs", "4", "--eval_steps", "1", "--patience", "1", "--lr", "1e-12",
+    flags = ("--task", "cb", "--num_epochs", "4", "--patience", "1", "--lr", "1e-12",
              "--head_lr", "1e-12", "--max_train_samples", "8")
     whole, out = run(tmp_path, models["encoder"], data_dir, *flags)
     assert whole["steps"] == 2, "no improvement after the first evaluation: patience 1 stops at the second"
@@ -464,7 +464,7 @@ def test_prompts_get_trained_and_the_backbone_stays_frozen(tmp_path, data_dir, m
 
 
 def test_same_seed_gives_the_same_numbers_and_resume_equals_an_uninterrupted_run(tmp_path, data_dir, models, monkeypatch):
-    args = ["--task", "cb", "--num_epochs", "3", "--batch_size", "2", "--eval_steps", "2"]
+    args = ["--task", "cb", "--num_epochs", "3", "--batch_size", "2"]
     full, full_out = run(tmp_path, models["decoder"], data_dir, *args, out="full")
     twin, twin_out = run(tmp_path, models["decoder"], data_dir, *args, out="twin")
     assert twin["metrics"] == full["metrics"]
@@ -475,7 +475,7 @@ def test_same_seed_gives_the_same_numbers_and_resume_equals_an_uninterrupted_run
         original(model, directory, run_config, trainer_state)
         calls.append(directory)
         if trainer_state is not None and sum(c.endswith("last") for c in calls) == 2:
-            raise KeyboardInterrupt  # a kill in the middle of epoch 2 (eval_steps 2, 3 steps/epoch)
+            raise KeyboardInterrupt  # a kill after epoch 2's checkpoint, as if during epoch 3
 
     monkeypatch.setattr(train, "save_checkpoint", crash_after_the_second_last_save)
     with pytest.raises(KeyboardInterrupt):
@@ -545,16 +545,8 @@ def test_bad_inputs_each_get_a_clear_message(tmp_path, data_dir, models):
                                             max_position_embeddings=64)).save_pretrained(fsmt)
     tiny_tokenizer("seq2seq")[0].save_pretrained(fsmt)
 
-    small = str(tmp_path / "small_vocab")  # a model whose embedding table is smaller than its tokenizer
-    tokenizer, _ = tiny_tokenizer("encoder")
-    from transformers import BertConfig, BertModel
-    BertModel(BertConfig(vocab_size=10, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                         intermediate_size=64)).save_pretrained(small)
-    tokenizer.save_pretrained(small)
-
     cases = [
         (["--task", "cola"], "unknown task 'cola'"),
-        (["--task", "cb", "--model", small], "tokenizer .* has \\d+ tokens but the model's embedding table only 10 rows"),
         (["--task", "cb", "--data_dir", str(tmp_path / "nowhere")], "data folder .*nowhere does not exist"),
         (["--task", "boolq", "--data_dir", str(tmp_path / "nodata")], r"missing file .*BoolQ.train\.jsonl"),
         (["--task", "boolq", "--data_dir", str(broken)], r"BoolQ.train\.jsonl example 0: field 'passage' should be text"),
@@ -566,7 +558,7 @@ def test_bad_inputs_each_get_a_clear_message(tmp_path, data_dir, models):
         (["--task", "cb", "--model", str(tmp_path / "no_model")], "model path .*no_model does not exist"),
         (["--task", "cb", "--model", "nobody/no-such-model"], "--model PATH.*--data_dir DIR"),
         (["--task", "cb", "--model", vit], "unsupported backbone"),
-        (["--task", "cb", "--model", canine], "unsupported backbone .*CanineModel"),
+        (["--task", "cb", "--model", canine], "unsupported backbone: CanineModel has no token embedding table"),
         (["--task", "cb", "--model", fsmt], "unsupported backbone: FSMTForConditionalGeneration fails on 16 random tokens"),
         (["--task", "cb", "--max_length", "200"], "--max_length 200 exceeds the 128 positions"),
         (["--task", "cb", "--prompt_len", "60"], "prompt_len 60 leaves no room within max_length 64"),
@@ -641,5 +633,5 @@ def test_an_interrupted_save_never_replaces_a_good_checkpoint(tmp_path):
         train.write_atomically(str(good), crash)
     assert (good / "weights").read_text() == "good", "a crash while writing leaves the old checkpoint"
     os.rename(good, str(good) + ".old")  # a kill between the two renames
-    train.recover_checkpoint(str(good))
+    train.write_atomically(str(good))
     assert (good / "weights").read_text() == "good", "the next run puts the good copy back"

@@ -1,23 +1,18 @@
 """
 Train and evaluate MEPT (and the paper's baselines) on SuperGLUE, in one file read top to bottom.
 
-    # the command people type first: MEPT on CB with the paper's backbone (t5-base, from the Hub)
-    python train.py --task cb
-
-    # a 30-second CPU smoke run: a local encoder, the official SuperGLUE files, a few steps
+    python train.py --task cb                   # MEPT on CB with the paper's backbone (t5-base, from the Hub)
     python train.py --task cb --model path/to/all-MiniLM-L6-v2 --data_dir ../shared/superglue \\
-        --max_train_samples 64 --max_eval_samples 32 --max_steps 8 --output_dir /tmp/smoke
-
-    # a baseline on RTE, then the AX-b diagnostic evaluated with the RTE checkpoint
-    python train.py --task rte --method deep_prompt --output_dir out/rte_deep
-    python train.py --task axb --eval_only --checkpoint out/rte_deep/best --output_dir out/axb
+        --max_train_samples 64 --max_eval_samples 32 --max_steps 8   # a 30-second CPU smoke run, offline
+    python train.py --task rte --method deep_prompt --output_dir out/rte     # a baseline; then the AX-b
+    python train.py --task axb --eval_only --checkpoint out/rte/best         # diagnostic, with its checkpoint
 
 Reading order: the command line -> metrics -> TASKS (how each task is cast) -> data -> batches -> the model
 -> checkpoints -> evaluation -> the recipe's five steps -> main(). Three backbone families (mept.backbone_family):
-seq2seq (T5) ranks the label words (ReCoRD: the entities) by likelihood, never generating freely; an encoder
-(BERT) has a linear head on [CLS], a decoder (GPT) on its last real token, and both score COPA's and ReCoRD's
-candidates with one logit each. The epoch is chosen on a per-label 10% slice of train (--dev_from_train) and
-the official validation split is reported at that epoch, as the official MEPT and SMoP code do.
+seq2seq (T5) ranks the label words (ReCoRD: the entities) by likelihood and never generates freely; an encoder
+(BERT) has a linear head on [CLS], a decoder (GPT) on its last real token, and both give COPA's and ReCoRD's
+candidates one logit each. The epoch is chosen on a per-label 10% slice of train (--dev_from_train) and the
+official validation split is reported at that epoch, as the official MEPT and SMoP code do.
 """
 
 import argparse
@@ -48,6 +43,8 @@ import mept
 
 # -----------------------------------------------------------------------------
 # The command line: help on every flag; --help shows every default
+
+
 class UserError(Exception):
     """Bad input: the command line prints it as one line, `error: ...`, and exits with status 2."""
 
@@ -60,18 +57,16 @@ class Parser(argparse.ArgumentParser):
 def number(kind, low, high=math.inf, below_high=False):
     """An argparse type: a number in [low, high] (or [low, high)), refused in one sentence otherwise."""
     def parse(text):
-        value = kind(text)
-        if value < low or value > high or (below_high and value == high):
-            bound = f"in [{low}, {high}{')' if below_high else ']'}" if high < math.inf else f"at least {low}"
-            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
-        return value
+        if not low <= kind(text) <= high or below_high and kind(text) == high:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}" if high == math.inf else
+                                             f"must be in [{low}, {high}{')' if below_high else ']'}, got {text}")
+        return kind(text)
     return parse
 
 
 def build_parser():
     p, count, rate = Parser(formatter_class=argparse.ArgumentDefaultsHelpFormatter), number(int, 0), number(float, 0)
-    p.description = "Train and evaluate MEPT on SuperGLUE."
-    flag = p.add_argument
+    p.description, flag = "Train and evaluate MEPT on SuperGLUE.", p.add_argument
     # --- task and data ---
     flag("--task", default="cb", help=f"{', '.join(sorted(TASKS))}, or a comma list for mixed training (cb,rte)")
     flag("--data_dir", default=os.environ.get("SUPERGLUE_DIR"), help="a folder in the official SuperGLUE layout "
@@ -86,7 +81,6 @@ def build_parser():
          "every SuperGLUE task in pre-training, so its scores are inflated; google/t5-v1_1-base is clean")
     flag("--method", default="mept", choices=sorted(mept.PRESETS) + ["finetune", "head_only"], help="a MEPT preset "
          "(a head trains too), head_only (a linear probe on the frozen backbone) or finetune (all trains)")
-    flag("--head", choices=["linear", "mlp"], default="linear", help="one linear layer, or dense-tanh-linear")
     flag("--head_dropout", type=number(float, 0, 1, True), default=0.1, help="dropout before the head")
     # --- MEPT: every MEPTConfig field; unset = the --method preset's value ---
     flag("--n_experts", type=int, default=None, help="E, experts per block (preset; mept: 4)")
@@ -112,7 +106,6 @@ def build_parser():
     flag("--max_steps", type=count, default=0, help="stop after N optimizer steps (0: --num_epochs decides)")
     flag("--seed", type=int, default=42, help="seeds the data order, init, dropout and router noise")
     # --- evaluation, checkpoints, outputs, hardware ---
-    flag("--eval_steps", type=count, default=0, help="evaluate every N steps (0 = every epoch)")
     flag("--patience", type=count, default=0, help="stop after N evaluations without gain (0 = off)")
     flag("--output_dir", default=None, help="for best/, last/, log.jsonl, results.json (out/<task>_<method>)")
     flag("--overwrite_output_dir", action="store_true", help="start anew in a folder that holds a run")
@@ -126,8 +119,10 @@ def build_parser():
 
 
 # -----------------------------------------------------------------------------
-# The official metrics (the SuperGLUE paper; T5's and `evaluate`'s super_glue code). preds and golds
-# are class ids; ReCoRD's are entity strings.
+# The official metrics (the SuperGLUE paper; T5's and `evaluate`'s super_glue code). preds and golds are
+# class ids; ReCoRD's are entity strings.
+
+
 def accuracy(preds, golds):
     return sum(p == g for p, g in zip(preds, golds)) / len(golds)
 
@@ -148,9 +143,9 @@ def matthews_corr(preds, golds):
 
 def record_metrics(rows, preds):
     """The max over the gold answers of token F1 and of exact match, averaged over the queries; answers are
-    normalised as SQuAD does (lowercase, no punctuation, no articles a/an/the, single spaces)."""
+    normalised as in SQuAD (lowercase, no punctuation, no articles a/an/the, single spaces)."""
     words = lambda t: re.sub(r"\b(a|an|the)\b", " ", "".join(c for c in t.lower() if c not in string.punctuation)).split()  # noqa: E731
-    f1 = lambda p, g: 2 * sum((Counter(words(p)) & Counter(words(g))).values()) / (len(words(p)) + len(words(g)) or 1)  # noqa: E731
+    f1 = lambda p, g: 2 * sum((Counter(words(p)) & Counter(words(g))).values()) / (len(words(p) + words(g)) or 1)  # noqa: E731
     return {"f1": sum(max(f1(p, a) for a in r["answers"]) for r, p in zip(rows, preds)) / len(rows),
             "exact_match": sum(words(p) in map(words, r["answers"]) for r, p in zip(rows, preds)) / len(rows)}
 
@@ -165,8 +160,8 @@ def multirc_metrics(rows, preds):
 
 
 def axg_metrics(rows, preds):
-    """Accuracy, and gender parity: the share of minimal pairs (one pair_id, he/she swapped) predicted
-    alike. Hub rows carry no pair_id; there the pairs are consecutive idx (0-1, 2-3, ...)."""
+    """Accuracy, and gender parity: the share of minimal pairs (one pair_id, he/she swapped) predicted alike.
+    Hub rows carry no pair_id; there the pairs are consecutive idx (0-1, 2-3, ...)."""
     pairs = defaultdict(set)
     for row, pred in zip(rows, preds):
         pairs[row.get("pair_id", row["idx"] // 2)].add(pred)
@@ -177,13 +172,14 @@ def axg_metrics(rows, preds):
 # -----------------------------------------------------------------------------
 # How each task is cast: `t5` gives T5's text-to-text input (the t5 library's strings), `pair` a list of
 # (text_a, text_b or None), one per model input, for the heads
+
+
 def mark_wsc_spans(row):
     """'Mark told Pete ... He ...' -> '* Mark * told Pete ... # He # ...', by word index (T5's wsc)."""
-    words, spans = row["text"].split(" "), [(row["span1_index"], row["span1_text"], "*"),
-                                            (row["span2_index"], row["span2_text"], "#")]
-    for index, span, mark in sorted(spans, reverse=True):  # right to left: the earlier indices stay valid
-        n = len(span.split(" "))
-        words[index:index + n] = [mark, *words[index:index + n], mark]
+    words = row["text"].split(" ")
+    for index, span, mark in sorted([(row["span1_index"], row["span1_text"], "*"),
+                                     (row["span2_index"], row["span2_text"], "#")], reverse=True):  # right to left
+        words[index:index + len(span.split(" "))] = [mark, *words[index:index + len(span.split(" "))], mark]
     return " ".join(words)
 
 
@@ -250,6 +246,8 @@ show = lambda metrics: " ".join(f"{k} {100 * v:.2f}" for k, v in metrics.items()
 # -----------------------------------------------------------------------------
 # Data: the official zip layout or Hub rows, normalised to the Hub's schema. A row is one example as the
 # Hub has it (MultiRC: one per answer; ReCoRD: one per query); an unlabelled row has label -1.
+
+
 def read_jsonl(path):
     """(line number, dict) per line; a malformed line names its file and line."""
     with open(path, "rb") as f:  # bytes, decoded line by line, so that a bad byte is reported on its line
@@ -262,17 +260,17 @@ def read_jsonl(path):
                 raise UserError(f"{path} line {number}: not valid JSON ({e.msg})") from None
             if not isinstance(record, dict):
                 raise UserError(f"{path} line {number}: expected a JSON object, got {type(record).__name__}")
-            if record:
-                yield number, record
+            yield from [(number, record)] if record else []
 
 
 def label_id(task, value, where):
     """A raw label (JSON bool, int, class name, or missing) -> class id, or -1 when unlabelled."""
-    if value is None or (isinstance(value, bool) and task.label_names == BOOL) or type(value) is int and -1 <= value < len(task.label_names):
+    names = task.label_names
+    if value is None or isinstance(value, bool) and names == BOOL or type(value) is int and -1 <= value < len(names):
         return -1 if value is None else int(value)  # bools (BoolQ, WiC, WSC, MultiRC); ids (COPA; the Hub's)
-    if value not in task.label_names:
-        raise UserError(f"{where}: label {value!r} is not one of the {task.folder} labels {list(task.label_names)}")
-    return task.label_names.index(value)
+    if value not in names:
+        raise UserError(f"{where}: label {value!r} is not one of the {task.folder} labels {list(names)}")
+    return names.index(value)
 
 
 def normalise(task, raw, where, ordinal):
@@ -312,8 +310,9 @@ def load_split(task, split, data_dir):
                             "without a network pass --data_dir DIR with the official SuperGLUE files") from None
         path = f"aps/super_glue/{task.hub_name} {split}"
     else:
-        names = {"train": ["train"], "validation": ["val", "validation"], "test": ["test"]}[split]
-        found = [os.path.join(data_dir, task.folder, f"{n}.jsonl") for n in ([task.folder] if task.eval_as else names)]
+        names = [task.folder] if task.eval_as else {"train": ["train"], "validation": ["val", "validation"],
+                                                    "test": ["test"]}[split]
+        found = [os.path.join(data_dir, task.folder, f"{n}.jsonl") for n in names]
         path = next((c for c in found if os.path.isfile(c)), None)
         if path is None:
             raise UserError(f"data folder {data_dir} does not exist" if not os.path.isdir(data_dir) else f"missing "
@@ -325,18 +324,16 @@ def load_split(task, split, data_dir):
             rows += normalise(task, dict(raw), f"{path} line {number}", ordinal)
         except (KeyError, TypeError, ValueError, AttributeError) as e:  # a record without its task's shape
             raise UserError(f"{path} line {number}: malformed {task.folder} record ({type(e).__name__}: {e})") from None
-    for i, row in enumerate(rows or [None]):
-        problem = next((f"field {f!r} should be text, got {row.get(f)!r}" for f in task.fields
-                        if not isinstance(row.get(f), str)), None) if row else "has no examples"
-        if not problem and task.folder == "COPA" and row["question"] not in ("cause", "effect"):
-            problem = f"COPA's question must be 'cause' or 'effect', got {row['question']!r}"
+    labelled = split != "test" or task.eval_as
+    for i, row in enumerate(rows or [{}]):
+        problem = "has no examples" if not row else next((f"example {i}: field {f!r} should be text, got {row.get(f)!r}"
+                                                          for f in task.fields if not isinstance(row.get(f), str)), None)
         if not problem and task.folder == "ReCoRD" and not row["entities"]:
-            problem = "ReCoRD needs a non-empty list of entity strings to choose from"
-        if not problem and (split != "test" or task.eval_as) and (not row["answers"] if task.folder == "ReCoRD"
-                                                                  else row["label"] < 0):
-            problem = "no label (only the test split may be unlabelled)"
+            problem = f"example {i}: ReCoRD needs a non-empty list of entity strings to choose from"
+        if not problem and labelled and (not row["answers"] if task.folder == "ReCoRD" else row["label"] < 0):
+            problem = f"example {i}: no label (only the test split may be unlabelled)"
         if problem:
-            raise UserError(f"{path} {problem if row is None else f'example {i}: {problem}'}")
+            raise UserError(f"{path} {problem}")
     return rows
 
 
@@ -353,8 +350,10 @@ def split_off_dev(rows, share, seed, group_of):
 
 # -----------------------------------------------------------------------------
 # Batches: rows -> token ids, padded per batch, in length-grouped batches. A Group is one row ready for the
-# model: one input (a class), several (COPA's or ReCoRD's candidates), or for T5's rank classification
+# model: one input (a class), several (COPA's or ReCoRD's candidates), or, for T5's rank classification,
 # the same input once per label word.
+
+
 @dataclass
 class Group:
     task: str
@@ -392,8 +391,8 @@ def encode_rows(name, rows, family, tokenizer, budget, training):
         encoded = encode_inputs(task, row, family, tokenizer, budget)
         ids, types = [e[0] for e in encoded], [e[1] for e in encoded] if encoded[0][1] is not None else None
         names = task.label_names or row["entities"]  # what rank classification and the argmax pick from
-        gold = [j for j, e in enumerate(names) if e in row["answers"]] if not task.label_names else \
-            [row["label"]] * (row["label"] >= 0)
+        gold = [row["label"]] * (row["label"] >= 0) if task.label_names else [j for j, e in enumerate(names)
+                                                                             if e in row["answers"]]
         if family != "seq2seq" and not (task.choose and training and not gold):  # no entity answers: no lesson
             groups.append(Group(name, i, ids, types, None, gold))
         elif family == "seq2seq" and training:
@@ -408,10 +407,8 @@ def make_batches(groups, batch_size, seed=None):
     """Lists of group indices. With a seed: shuffled, sorted by length inside windows of 50 batches (little
     padding, yet random), the batches shuffled again. Without: sorted by length."""
     length, rng, window = lambda i: sum(map(len, groups[i].input_ids)), random.Random(seed), 50 * batch_size
-    order = rng.sample(range(len(groups)), len(groups)) if seed is not None else range(len(groups))
+    order = rng.sample(range(len(groups)), len(groups)) if seed is not None else sorted(range(len(groups)), key=length)
     order = [i for s in range(0, len(order), window) for i in sorted(order[s:s + window], key=length)]
-    if seed is None:
-        order = sorted(order, key=length)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     return rng.sample(batches, len(batches)) if seed is not None else batches
 
@@ -433,6 +430,8 @@ def collate(groups, pad_id, device):
 
 # -----------------------------------------------------------------------------
 # The model: a backbone (frozen under MEPT), MEPT's prompt experts, and a head per task
+
+
 def load_backbone(name):
     """Backbone, tokenizer and family ('seq2seq', 'encoder' or 'decoder'), read from the loaded model."""
     hf_logging.set_verbosity_error()  # "some weights were not used" and progress bars would bury the log
@@ -443,29 +442,25 @@ def load_backbone(name):
     try:
         auto = AutoModelForSeq2SeqLM if AutoConfig.from_pretrained(name).is_encoder_decoder else AutoModel
         backbone, tokenizer = auto.from_pretrained(name), AutoTokenizer.from_pretrained(name)
-        family, rows = mept.backbone_family(backbone), backbone.get_input_embeddings().num_embeddings
-    except (OSError, ValueError, ImportError, NotImplementedError) as e:  # mept's refusals are ValueErrors
+        family = mept.backbone_family(backbone)
+    except (OSError, ValueError, ImportError) as e:  # mept's refusals are ValueErrors
         if not local and isinstance(e, OSError):
             raise UserError(f"could not load {name!r} from the Hugging Face Hub (no network, or no such model); "
                             "download it elsewhere and pass --model PATH, with --data_dir DIR for the data") from None
         raise UserError(f"unsupported backbone {name}: {str(e).splitlines()[0]}") from None
-    if len(tokenizer) > rows:  # ids past the embedding table would crash deep inside
-        raise UserError(f"the tokenizer of {name} has {len(tokenizer)} tokens but the model's embedding table "
-                        f"only {rows} rows; they do not belong together")
     return backbone, tokenizer, family
 
 
 class TaskModel(nn.Module):
-    """`core` is MEPT(backbone), or the backbone itself (head_only, finetune). A head per task (none for
-    seq2seq: T5 scores the label words with its own LM head): dropout and one linear layer on the pooled
-    token, a linear probe, for every method; --head mlp puts BERT's pooler shape (dense, tanh) before it."""
+    """`core` is MEPT(backbone), or the backbone itself (head_only, finetune). A head per task, the same for
+    every method so that the prompts, not the head, carry the adaptation: dropout and one linear layer on the
+    pooled token, a linear probe. None for seq2seq: T5 scores the label words with its own LM head."""
 
-    def __init__(self, core, family, head_names, args, d):  # d: the width of the backbone's output
+    def __init__(self, core, family, head_names, dropout, d):  # d: the width of the backbone's output
         super().__init__()
         self.core, self.family = core, family
-        hidden = lambda: [nn.Linear(d, d), nn.Tanh(), nn.Dropout(args.head_dropout)] if args.head == "mlp" else []  # noqa: E731
-        self.heads = nn.ModuleDict({name: nn.Sequential(nn.Dropout(args.head_dropout), *hidden(), nn.Linear(
-            d, 1 if TASKS[name].choose else len(TASKS[name].label_names))) for name in head_names if family != "seq2seq"})
+        self.heads = nn.ModuleDict({name: nn.Sequential(nn.Dropout(dropout), nn.Linear(d, 1 if TASKS[name].choose else len(
+            TASKS[name].label_names))) for name in head_names if family != "seq2seq"})
 
     def forward(self, batch, task):
         """-> (T5's loss or None, scores): (N, n_labels) for a classification head, else (N,), one per input."""
@@ -506,15 +501,16 @@ def group_loss_and_predictions(model, batch, groups, task):
 # -----------------------------------------------------------------------------
 # Checkpoints: best/ and last/ hold only what trains (mept.py's files, head.safetensors), written to a
 # temporary folder and renamed, so that an interrupted save never replaces a good one
-def recover_checkpoint(directory):
-    """A save killed between its two renames leaves only directory.old: put it back."""
-    if not os.path.isdir(directory) and os.path.isdir(directory + ".old"):
-        os.rename(directory + ".old", directory)
 
 
-def write_atomically(directory, write):
+def write_atomically(directory, write=None):
+    """write(tmp) into a temporary folder, then two renames; write=None only recovers the good copy that a
+    save killed between its two renames left as directory.old."""
     tmp, old = directory + ".tmp", directory + ".old"
-    recover_checkpoint(directory)
+    if not os.path.isdir(directory) and os.path.isdir(old):
+        os.rename(old, directory)
+    if write is None:
+        return
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     write(tmp)
@@ -554,7 +550,7 @@ def build_model(backbone, family, method, mept_config, head_names, args, checkpo
         core = backbone.requires_grad_(method == "finetune")  # head_only: a linear probe on a frozen backbone
         if checkpoint and method == "finetune":
             load_model(backbone, os.path.join(checkpoint, "backbone.safetensors"))
-    model = TaskModel(core, family, head_names, args, backbone.config.hidden_size)
+    model = TaskModel(core, family, head_names, args.head_dropout, backbone.config.hidden_size)
     if checkpoint and len(model.heads):
         model.heads.load_state_dict(load_file(os.path.join(checkpoint, "head.safetensors")))
     return model
@@ -562,6 +558,8 @@ def build_model(backbone, family, method, mept_config, head_names, args, checkpo
 
 # -----------------------------------------------------------------------------
 # Evaluation: every row of a split scored, the official metrics, and the routing's health
+
+
 def routing_health(experts, n_experts, gold=None, n_classes=1):
     """One routed block on a split, from each example's top expert: the entropy of the expert load in bits
     (log2 E: even; 0: one expert takes all), the busiest expert's share (above 0.9: collapsed) and, given
@@ -576,29 +574,33 @@ def routing_health(experts, n_experts, gold=None, n_classes=1):
 
 
 @torch.no_grad()
-def evaluate(model, name, rows, groups, pad_id, args, device, autocast):
-    """-> (the official metrics, or None for unlabelled rows; the prediction per row; per routed block,
-    the load over the experts, every top-k choice counted, and routing_health)."""
-    model.eval()
-    task, preds, picks = TASKS[name], [None] * len(rows), defaultdict(dict)  # picks[layer][row]: its experts
-    for indices in make_batches(groups, args.eval_batch_size):
-        batch_groups = [groups[i] for i in indices]
-        batch = collate(batch_groups, pad_id, device)
-        with autocast():
-            _, choices = group_loss_and_predictions(model, batch, batch_groups, name)
-        for g, choice in zip(batch_groups, choices):
-            preds[g.row] = choice if task.label_names else rows[g.row]["entities"][choice]
-        first = [sum(batch["sizes"][:i]) for i in range(len(batch_groups))]  # each group's first input
-        for layer, routing in getattr(model.core, "routing", {}).items():
-            picks[layer].update(zip([g.row for g in batch_groups], routing.expert_idx[first].tolist()))
-    labelled = all(r["label"] >= 0 for r in rows) if task.label_names else all(r["answers"] for r in rows)
-    routing = {}
-    for layer, by_row in sorted(picks.items()):
-        n_experts, order = model.core.config.n_experts, sorted(by_row)
-        load, gold = Counter(e for experts in by_row.values() for e in experts), [rows[r]["label"] for r in order]
-        routing[str(layer)] = {"load": [load[e] for e in range(n_experts)], **routing_health(
-            [by_row[r][0] for r in order], n_experts, gold if labelled and not task.choose else None, len(task.label_names))}
-    return (task.metrics(rows, preds) if labelled else None), preds, routing
+def evaluate_split(run, split):
+    """Score every row of one split of every task: ({task: official metrics, or None for unlabelled rows},
+    {task: the prediction per row}, {task: per routed block, the load over the experts (every top-k choice)
+    and routing_health})."""
+    run.model.eval()
+    metrics, predictions, routing = {}, {}, {}
+    for name in [n for n in run.names if split in run.data[n]]:
+        task, rows, groups, picks = TASKS[name], run.data[name][split], run.encoded[name][split], defaultdict(dict)
+        preds = predictions[name] = [None] * len(rows)
+        for indices in make_batches(groups, run.args.eval_batch_size):
+            batch_groups = [groups[i] for i in indices]
+            batch = collate(batch_groups, run.pad_id, run.device)
+            with run.autocast():
+                _, choices = group_loss_and_predictions(run.model, batch, batch_groups, name)
+            for g, choice in zip(batch_groups, choices):
+                preds[g.row] = choice if task.label_names else rows[g.row]["entities"][choice]
+            first = [sum(batch["sizes"][:i]) for i in range(len(batch_groups))]  # each group's first input
+            for layer, routed in getattr(run.model.core, "routing", {}).items():  # picks[layer][row]: its experts
+                picks[layer].update(zip([g.row for g in batch_groups], routed.expert_idx[first].tolist()))
+        labelled = all(r["label"] >= 0 for r in rows) if task.label_names else all(r["answers"] for r in rows)
+        metrics[name] = task.metrics(rows, preds) if labelled else None
+        gold = [r["label"] for r in rows] if labelled and not task.choose else None  # classes to relate routing to
+        routing[name] = {str(layer): {"load": [Counter(e for x in by_row.values() for e in x)[e] for e in range(
+            run.mept_config.n_experts)], **routing_health([by_row[r][0] for r in range(len(rows))],
+                                                          run.mept_config.n_experts, gold, len(task.label_names))}
+                         for layer, by_row in sorted(picks.items())}
+    return metrics, predictions, routing
 
 
 def write_predictions(path, name, rows, preds):
@@ -639,12 +641,6 @@ class Run:
     autocast: Callable = None
     trained: dict = None
 
-    def evaluate(self, split):
-        """({task: metrics}, {task: predictions}, {task: routing}) on one split of every task that has it."""
-        found = {n: evaluate(self.model, n, self.data[n][split], self.encoded[n][split], self.pad_id, self.args,
-                             self.device, self.autocast) for n in self.names if split in self.data[n]}
-        return tuple({n: r[i] for n, r in found.items()} for i in range(3))
-
 
 def parse_args(argv):
     """Step 1: the flags, checked before anything on disk is touched; a bad one is a UserError."""
@@ -655,7 +651,7 @@ def parse_args(argv):
     old = next((f for f in ("results.json", "log.jsonl", "best") if os.path.exists(os.path.join(out, f))), None)
     last = os.path.join(out, "last")
     for folder in (last, os.path.join(out, "best")) if args.resume else ():
-        recover_checkpoint(folder)
+        write_atomically(folder)
     for wrong, sentence in [  # (what is wrong, the sentence that says so)
             (any(n not in TASKS for n in names), f"unknown task {next((n for n in names if n not in TASKS), '')!r}; "
              f"choose from {', '.join(sorted(TASKS))} or a comma list of them"),
@@ -764,8 +760,8 @@ def build(run):
 def train(run):
     """Step 4, the loop: single-task batches in a seeded order across tasks, gradient accumulation and
     clipping, AdamW (or Adafactor) with a learning rate per group (prompts and routers; heads; for finetune
-    the backbone) under a linear warmup and decay. An evaluation every epoch (or --eval_steps) keeps best/
-    by the selection score (the dev slice of train) and saves last/, with all that --resume needs."""
+    the backbone), a linear warmup and decay. After every epoch (and the last step) an evaluation keeps best/
+    by the selection score (the dev slice of train) and saves last/ with all that --resume needs."""
     args, model, groups = run.args, run.model, {n: run.encoded[n]["train"] for n in run.names}
 
     def epoch_batches(epoch):  # the order depends on (seed, epoch) alone, so that a resumed run replays it
@@ -778,12 +774,11 @@ def train(run):
     param_groups = [g for g in [dict(params=[p for n, p in trained if prompt(n)], lr=args.lr),
                                 dict(params=list(model.heads.parameters()), lr=args.head_lr),
                                 dict(params=[p for n, p in trained if not prompt(n)], lr=args.backbone_lr)] if g["params"]]
-    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, weight_decay=args.weight_decay) if args.optimizer == "adamw" \
-        else Adafactor(param_groups, lr=args.lr, relative_step=False, scale_parameter=False, weight_decay=args.weight_decay)
-    warmup = math.ceil(args.warmup_ratio * total)  # then a linear decay to 0 at the last step
+    optimizer = torch.optim.AdamW(param_groups, weight_decay=args.weight_decay) if args.optimizer == "adamw" else \
+        Adafactor(param_groups, lr=args.lr, relative_step=False, scale_parameter=False, weight_decay=args.weight_decay)
+    warmup = math.ceil(args.warmup_ratio * total)  # steps; then a linear decay to 0 at the last step
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min((s + 1) / (warmup + 1), (total - s) / max(1, total - warmup)))
-    state = dict(epoch=0, batches_done=0, step=0, best_score=-math.inf, best_epoch=None, best_step=None, bad_evals=0,
-                 log_lines=0, elapsed=0.0)
+    state = dict(epoch=0, step=0, best_score=-math.inf, best_epoch=None, bad_evals=0, log_lines=0, elapsed=0.0)
     log, kept = os.path.join(run.out, "log.jsonl"), []
     if args.resume:  # the optimizer, the schedule, the random stream and the counters, as they were saved
         saved = torch.load(os.path.join(run.out, "last", "trainer_state.pt"), weights_only=False)
@@ -794,17 +789,15 @@ def train(run):
         with open(log) as f:  # the evaluations logged after that checkpoint are forgotten
             kept = f.readlines()[:state["log_lines"]]
     for path in [] if args.resume else [os.path.join(run.out, f) for f in ("results.json", "best", "last")]:
-        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path) if os.path.isfile(path) else None  # a clean slate
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path) if os.path.isfile(path) else None  # anew
     os.makedirs(run.out, exist_ok=True)
     with open(log, "w") as f:
         f.writelines(kept)
-    clock, losses, bar = time.time() - state["elapsed"], [], tqdm(total=total, initial=state["step"], disable=None)
-    out_of_patience = lambda: bool(args.patience) and state["bad_evals"] >= args.patience  # noqa: E731
-    while state["step"] < total and not out_of_patience():  # a resumed run that ran out of patience stops at once
-        batches = epoch_batches(state["epoch"])
+    clock, bar = time.time() - state["elapsed"], tqdm(total=total, initial=state["step"], disable=None)
+    while state["step"] < total and not (args.patience and state["bad_evals"] >= args.patience):
+        batches, losses = epoch_batches(state["epoch"]), []
         model.train()
-        for i in range(state["batches_done"], len(batches)):
-            name, indices = batches[i]
+        for i, (name, indices) in enumerate(batches):
             batch_groups = [groups[name][j] for j in indices]
             with run.autocast():
                 loss, _ = group_loss_and_predictions(model, collate(batch_groups, run.pad_id, run.device), batch_groups, name)
@@ -818,35 +811,31 @@ def train(run):
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
-            end_of_epoch = i + 1 == len(batches)
-            state.update(step=state["step"] + 1, batches_done=0 if end_of_epoch else i + 1, epoch=state["epoch"] + end_of_epoch)
+            state["step"] += 1
             bar.update(1)
-            if not (end_of_epoch or state["step"] == total or args.eval_steps and state["step"] % args.eval_steps == 0):
-                continue  # the evaluation: at each epoch's end, every --eval_steps, and after the last step
-            report, _, routing = run.evaluate("report")
-            select = run.evaluate("dev")[0] if args.dev_from_train > 0 else report  # the dev slice chooses
-            score = sum(sum(m.values()) / len(m) for m in select.values()) / len(select)  # the leaderboard's score
-            epoch, improved = round(state["epoch"] + state["batches_done"] / len(batches), 2), score > state["best_score"]
-            state["bad_evals"] = 0 if improved else state["bad_evals"] + 1
-            if improved:
-                state.update(best_score=score, best_epoch=epoch, best_step=state["step"])
-                save_checkpoint(model, os.path.join(run.out, "best"), run.run_config)
-            entry = {"epoch": epoch, "step": state["step"], "loss": sum(losses) / len(losses), "lr": schedule.get_last_lr()[0],
-                     "metrics": report, "dev_metrics": select, "elapsed": round(time.time() - clock, 2), "routing": routing}
-            with open(log, "a") as f:
-                f.write(json.dumps(entry) + "\n")
-            tqdm.write(f"epoch {epoch} | step {state['step']} | loss {entry['loss']:.4f} | lr {entry['lr']:.2e} | "
-                       + " | ".join(f"{n} {show(m)}" for n, m in report.items()) + f"{' | best' * improved} | {entry['elapsed']:.0f}s")
-            state.update(log_lines=state["log_lines"] + 1, elapsed=time.time() - clock)
-            save_checkpoint(model, os.path.join(run.out, "last"), run.run_config, trainer_state={
-                "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "torch_rng": torch.get_rng_state(),
-                "state": dict(state)})
-            losses = []
-            model.train()
-            if state["step"] == total or out_of_patience():
+            if state["step"] == total:
                 break
+        state["epoch"] += 1
+        report, _, routing = evaluate_split(run, "report")
+        select = evaluate_split(run, "dev")[0] if args.dev_from_train > 0 else report  # the dev slice chooses
+        score = sum(sum(m.values()) / len(m) for m in select.values()) / len(select)  # the leaderboard's task score
+        improved = score > state["best_score"]
+        state.update(bad_evals=0 if improved else state["bad_evals"] + 1, log_lines=state["log_lines"] + 1,
+                     elapsed=time.time() - clock)
+        if improved:
+            state.update(best_score=score, best_epoch=state["epoch"], best_step=state["step"])
+            save_checkpoint(model, os.path.join(run.out, "best"), run.run_config)
+        entry = {"epoch": state["epoch"], "step": state["step"], "loss": sum(losses) / len(losses), "lr": schedule.get_last_lr()[0],
+                 "metrics": report, "dev_metrics": select, "elapsed": round(state["elapsed"], 2), "routing": routing}
+        with open(log, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        tqdm.write(f"epoch {entry['epoch']} | step {entry['step']} | loss {entry['loss']:.4f} | lr {entry['lr']:.2e} | "
+                   + " | ".join(f"{n} {show(m)}" for n, m in report.items()) + f"{' | best' * improved} | {entry['elapsed']:.0f}s")
+        save_checkpoint(model, os.path.join(run.out, "last"), run.run_config, trainer_state={
+            "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "torch_rng": torch.get_rng_state(),
+            "state": state})
     bar.close()
-    run.trained = {"best_epoch": state["best_epoch"], "best_step": state["best_step"], "steps": state["step"]}
+    run.trained = {"best_epoch": state["best_epoch"], "best_step": state.get("best_step"), "steps": state["step"]}
 
 
 def report(run, started):
@@ -857,7 +846,7 @@ def report(run, started):
         core = core.remove() if isinstance(core, mept.MEPT) else core
         run.model = build_model(core, run.family, run.method, None, run.run_config["heads"], args,
                                 os.path.join(run.out, "best")).to(run.device)
-    metrics, preds, routing = run.evaluate("report")
+    metrics, preds, routing = evaluate_split(run, "report")
     results = {**run.run_config, **(run.trained or {}), "metrics": metrics, "routing": routing,
                "versions": {p: version(p) for p in ("torch", "transformers", "datasets", "tqdm")},
                "trainable_params": mept.parameters_line(run.model),
@@ -870,7 +859,7 @@ def report(run, started):
                "prompt_params": run.model.core.prompt_param_counts() if run.mept_config else None,
                "wall_time_seconds": round(time.time() - started, 1)}
     os.makedirs(run.out, exist_ok=True)
-    for n, p in run.evaluate("test")[1].items() if args.predict else []:  # the leaderboard's files, to zip as they are
+    for n, p in evaluate_split(run, "test")[1].items() if args.predict else []:  # the leaderboard's files, to zip as they are
         write_predictions(os.path.join(run.out, f"{TASKS[n].folder}.jsonl"), n, run.data[n]["test"], p)
     with open(os.path.join(run.out, "results.json.tmp"), "w") as f:
         json.dump(results, f, indent=2, default=str)
