@@ -275,9 +275,11 @@ def test_a_byte_order_mark_is_accepted_and_a_missing_idx_becomes_the_record_posi
 
 def test_t5_inputs_follow_the_t5_strings_and_wsc_marks_spans_by_word_index(data_dir):
     row = {"premise": "P.", "hypothesis": "H."}
-    assert train.TASKS["cb"].t5(row) == "cb hypothesis: H. premise: P."
+    assert train.t5_input(train.TASKS["cb"], row) == "cb hypothesis: H. premise: P."
+    assert train.t5_input(train.TASKS["axb"], row) == "rte hypothesis: H. premise: P.", "a diagnostic reads as RTE"
     wsc = train.load_split(train.TASKS["wsc"], "train", data_dir)[0]
-    assert train.mark_wsc_spans(wsc) == "the * man * saw the dog because # he # was home"
+    assert wsc["text"] == "the * man * saw the dog because # he # was home"
+    assert train.t5_input(train.TASKS["wsc"], wsc) == "wsc text: the * man * saw the dog because # he # was home"
     record = {"idx": 0, "passage": {"text": "a.\n@highlight\nb\n@highlight\nc", "entities": [{"start": 0, "end": 0}]},
               "qas": [{"idx": 0, "query": "@placeholder", "answers": [{"text": "a"}]}]}
     assert train.normalise(train.TASKS["record"], record, "", 0)[0]["passage"] == "a. b. c", "T5's @highlight rewrite"

@@ -144,8 +144,12 @@ def matthews_corr(preds, golds):
 def record_metrics(rows, preds):
     """The max over the gold answers of token F1 and of exact match, averaged over the queries; answers are
     normalised as in SQuAD (lowercase, no punctuation, no articles a/an/the, single spaces)."""
-    words = lambda t: re.sub(r"\b(a|an|the)\b", " ", "".join(c for c in t.lower() if c not in string.punctuation)).split()  # noqa: E731
-    f1 = lambda p, g: 2 * sum((Counter(words(p)) & Counter(words(g))).values()) / (len(words(p) + words(g)) or 1)  # noqa: E731
+    def words(text):
+        return re.sub(r"\b(a|an|the)\b", " ", "".join(c for c in text.lower() if c not in string.punctuation)).split()
+
+    def f1(pred, gold):  # bag-of-words F1
+        return 2 * sum((Counter(words(pred)) & Counter(words(gold))).values()) / (len(words(pred) + words(gold)) or 1)
+
     return {"f1": sum(max(f1(p, a) for a in r["answers"]) for r, p in zip(rows, preds)) / len(rows),
             "exact_match": sum(words(p) in map(words, r["answers"]) for r, p in zip(rows, preds)) / len(rows)}
 
@@ -170,8 +174,8 @@ def axg_metrics(rows, preds):
 
 
 # -----------------------------------------------------------------------------
-# How each task is cast: `t5` gives T5's text-to-text input (the t5 library's strings), `pair` a list of
-# (text_a, text_b or None), one per model input, for the heads
+# How each task is cast: T5 reads "<task> field: value field: value ..." (the t5 library's strings, in its
+# order of fields); the heads read `pair(row)`, a (text_a, text_b or None) per model input
 
 
 def mark_wsc_spans(row):
@@ -187,9 +191,8 @@ def mark_wsc_spans(row):
 class Task:
     folder: str  # folder of the official zip (AX-b, AX-g: folder and file stem)
     hub_name: str  # config of the Hub dataset aps/super_glue
-    fields: tuple  # text fields every normalised row must carry
     label_names: tuple  # class names in id order (the Hub's ClassLabel); () for ReCoRD (entities)
-    t5: Callable  # row -> T5 input string
+    t5: tuple  # the fields of T5's input, in its order; every row must have them
     pair: Callable  # row -> [(text_a, text_b)], for the encoder and decoder heads
     metrics: Callable = lambda rows, preds: {"accuracy": accuracy(preds, [r["label"] for r in rows])}
     passage: Optional[str] = None  # the field truncation may shorten (never the question or hypothesis)
@@ -198,46 +201,37 @@ class Task:
     eval_as: Optional[str] = None  # a diagnostic uses this task's head and label words
 
 
+def t5_input(task, row):  # "cb hypothesis: ... premise: ..."; a diagnostic reads as RTE, as in T5
+    return " ".join([task.eval_as or task.folder.lower()] + [f"{f}: {', '.join(row[f]) if f == 'entities' else row[f]}"
+                                                             for f in task.t5])
+
+
 BOOL, NLI, CB = ("False", "True"), ("entailment", "not_entailment"), ("entailment", "contradiction", "neutral")
 LOWER = lambda i: ("false", "true")[i]  # noqa: E731  (the leaderboard's booleans are lowercase)
+PREMISE = lambda r: [(r["premise"], r["hypothesis"])]  # noqa: E731  (the NLI tasks' pair)
 TASKS = {
-    "boolq": Task("BoolQ", "boolq", ("question", "passage"), BOOL, submit=LOWER, passage="passage",
-                  t5=lambda r: f"boolq passage: {r['passage']} question: {r['question']}",
-                  pair=lambda r: [(r["question"], r["passage"])]),
-    "cb": Task("CB", "cb", ("premise", "hypothesis"), CB, passage="premise",  # macro-F1 over ALL three classes
-               t5=lambda r: f"cb hypothesis: {r['hypothesis']} premise: {r['premise']}",
-               pair=lambda r: [(r["premise"], r["hypothesis"])],
-               metrics=lambda rows, p: {"accuracy": accuracy(p, [r["label"] for r in rows]),
-                                        "f1": sum(f1_of_class(p, [r["label"] for r in rows], c) for c in range(3)) / 3}),
-    "copa": Task("COPA", "copa", ("premise", "choice1", "choice2", "question"), ("choice1", "choice2"),
-                 choose=True, submit=int, t5=lambda r: f"copa choice1: {r['choice1']} choice2: {r['choice2']} "
-                                                       f"premise: {r['premise']} question: {r['question']}",
-                 pair=lambda r: [(f"{r['premise'].rstrip('.')} {'because' if r['question'] == 'cause' else 'so'}",
-                                  r[c]) for c in ("choice1", "choice2")]),  # P-tuning v2's template
-    "multirc": Task("MultiRC", "multirc", ("paragraph", "question", "answer"), BOOL, metrics=multirc_metrics,
-                    t5=lambda r: f"multirc question: {r['question']} answer: {r['answer']} paragraph: {r['paragraph']}",
-                    pair=lambda r: [(r["paragraph"], f"{r['question']} {r['answer']}")], passage="paragraph",
-                    submit=int),
-    "record": Task("ReCoRD", "record", ("passage", "query"), (), metrics=record_metrics, choose=True, submit=str,
-                   t5=lambda r: f"record query: {r['query']} entities: {', '.join(r['entities'])} passage: "
-                                f"{r['passage']}", passage="passage",
-                   pair=lambda r: [(r["passage"], r["query"].replace("@placeholder", e)) for e in r["entities"]]),
-    "rte": Task("RTE", "rte", ("premise", "hypothesis"), NLI, passage="premise",
-                t5=lambda r: f"rte hypothesis: {r['hypothesis']} premise: {r['premise']}",
-                pair=lambda r: [(r["premise"], r["hypothesis"])]),
-    "wic": Task("WiC", "wic", ("word", "sentence1", "sentence2"), BOOL, submit=LOWER,
-                t5=lambda r: f"wic sentence1: {r['sentence1']} sentence2: {r['sentence2']} word: {r['word']}",
+    "boolq": Task("BoolQ", "boolq", BOOL, ("passage", "question"), lambda r: [(r["question"], r["passage"])],
+                  passage="passage", submit=LOWER),
+    "cb": Task("CB", "cb", CB, ("hypothesis", "premise"), PREMISE, passage="premise",  # macro-F1 over ALL classes
+               metrics=lambda rows, p: {"accuracy": accuracy(p, golds := [r["label"] for r in rows]),
+                                        "f1": sum(f1_of_class(p, golds, c) for c in range(3)) / 3}),
+    "copa": Task("COPA", "copa", ("choice1", "choice2"), ("choice1", "choice2", "premise", "question"), choose=True,
+                 submit=int, pair=lambda r: [(r["premise"].rstrip(".") + (" because" if r["question"] == "cause"
+                                                                          else " so"), r[c]) for c in ("choice1", "choice2")]),
+    "multirc": Task("MultiRC", "multirc", BOOL, ("question", "answer", "paragraph"), passage="paragraph", submit=int,
+                    pair=lambda r: [(r["paragraph"], f"{r['question']} {r['answer']}")], metrics=multirc_metrics),
+    "record": Task("ReCoRD", "record", (), ("query", "entities", "passage"), metrics=record_metrics, choose=True,
+                   pair=lambda r: [(r["passage"], r["query"].replace("@placeholder", e)) for e in r["entities"]],
+                   passage="passage", submit=str),
+    "rte": Task("RTE", "rte", NLI, ("hypothesis", "premise"), PREMISE, passage="premise"),
+    "wic": Task("WiC", "wic", BOOL, ("sentence1", "sentence2", "word"), submit=LOWER,
                 pair=lambda r: [(f"{r['word']}: {r['sentence1']}", f"{r['word']}: {r['sentence2']}")]),
-    "wsc": Task("WSC", "wsc.fixed", ("text", "span1_text", "span2_text"), BOOL, submit=LOWER,
-                t5=lambda r: f"wsc text: {mark_wsc_spans(r)}", pair=lambda r: [(mark_wsc_spans(r), None)]),
-    # the diagnostics: labelled test files, cast as RTE (as T5 does), predicted by an RTE checkpoint
-    "axb": Task("AX-b", "axb", ("sentence1", "sentence2"), NLI, passage="sentence1", eval_as="rte",
-                t5=lambda r: f"rte hypothesis: {r['sentence2']} premise: {r['sentence1']}",
-                pair=lambda r: [(r["sentence1"], r["sentence2"])],  # MCC is symmetric in the two classes
+    "wsc": Task("WSC", "wsc.fixed", BOOL, ("text",), lambda r: [(r["text"], None)], submit=LOWER),  # spans marked
+    # the diagnostics: labelled test files, read as RTE (AX-b's sentence1 and 2 as premise and hypothesis)
+    "axb": Task("AX-b", "axb", NLI, ("hypothesis", "premise"), PREMISE, passage="premise", eval_as="rte",
                 metrics=lambda rows, p: {"matthews_correlation": matthews_corr(p, [r["label"] for r in rows])}),
-    "axg": Task("AX-g", "axg", ("premise", "hypothesis"), NLI, passage="premise", eval_as="rte", metrics=axg_metrics,
-                t5=lambda r: f"rte hypothesis: {r['hypothesis']} premise: {r['premise']}",
-                pair=lambda r: [(r["premise"], r["hypothesis"])]),
+    "axg": Task("AX-g", "axg", NLI, ("hypothesis", "premise"), PREMISE, passage="premise", eval_as="rte",
+                metrics=axg_metrics),
 }
 ALIASES = {"wsc.fixed": "wsc", "ax-b": "axb", "ax-g": "axg"}  # the Hub's config names
 show = lambda metrics: " ".join(f"{k} {100 * v:.2f}" for k, v in metrics.items())  # noqa: E731
@@ -294,6 +288,10 @@ def normalise(task, raw, where, ordinal):
     row = {**raw, **raw.get("target", {}), "label": label_id(task, raw.get("label"), where)}  # WSC nests its spans
     if isinstance(row.get("paragraph"), str):
         row["paragraph"] = clean(row["paragraph"])
+    if task.folder == "WSC":
+        row["text"] = mark_wsc_spans(row)
+    if task.folder == "AX-b":  # read as RTE
+        row["premise"], row["hypothesis"] = row.pop("sentence1", None), row.pop("sentence2", None)
     if not isinstance(row.get("idx"), dict):  # AX-b writes idx as a string; a missing idx is the position
         row["idx"] = int(row.get("idx", ordinal))
     return [row]
@@ -315,8 +313,8 @@ def load_split(task, split, data_dir):
         found = [os.path.join(data_dir, task.folder, f"{n}.jsonl") for n in names]
         path = next((c for c in found if os.path.isfile(c)), None)
         if path is None:
-            raise UserError(f"data folder {data_dir} does not exist" if not os.path.isdir(data_dir) else f"missing "
-                            f"file {found[0]} (--data_dir must hold the official layout <Task>/{{train,val,test}}.jsonl)")
+            raise UserError(f"data folder {data_dir} does not exist" if not os.path.isdir(data_dir) else
+                            f"missing file {found[0]} (--data_dir holds the official layout <Task>/<split>.jsonl)")
         records = read_jsonl(path)
     rows = []
     for ordinal, (number, raw) in enumerate(records):
@@ -327,7 +325,7 @@ def load_split(task, split, data_dir):
     labelled = split != "test" or task.eval_as
     for i, row in enumerate(rows or [{}]):
         problem = "has no examples" if not row else next((f"example {i}: field {f!r} should be text, got {row.get(f)!r}"
-                                                          for f in task.fields if not isinstance(row.get(f), str)), None)
+                                                          for f in task.t5 if type(row.get(f)) not in (str, list)), None)
         if not problem and task.folder == "ReCoRD" and not row["entities"]:
             problem = f"example {i}: ReCoRD needs a non-empty list of entity strings to choose from"
         if not problem and labelled and (not row["answers"] if task.folder == "ReCoRD" else row["label"] < 0):
@@ -369,7 +367,7 @@ def encode_inputs(task, row, family, tokenizer, budget):
     [SEP] b [SEP]), decoders 'a\\nb', T5 one string. Too long: the passage field is cut by the overflow, in
     tokens, and the row encoded again; the question or hypothesis is never cut."""
     def build(r, cut=None):
-        texts = [(task.t5(r), None)] if family == "seq2seq" else task.pair(r)
+        texts = [(t5_input(task, r), None)] if family == "seq2seq" else task.pair(r)
         texts = [(f"{a}\n{b}", None) if family == "decoder" and b else (a, b) for a, b in texts]
         out = [tokenizer(a, *[b] * bool(b), **(dict(truncation=True, max_length=cut) if cut else {})) for a, b in texts]
         return [(e["input_ids"], e.get("token_type_ids") if family == "encoder" else None) for e in out]
@@ -459,8 +457,9 @@ class TaskModel(nn.Module):
     def __init__(self, core, family, head_names, dropout, d):  # d: the width of the backbone's output
         super().__init__()
         self.core, self.family = core, family
-        self.heads = nn.ModuleDict({name: nn.Sequential(nn.Dropout(dropout), nn.Linear(d, 1 if TASKS[name].choose else len(
-            TASKS[name].label_names))) for name in head_names if family != "seq2seq"})
+        outputs = {name: 1 if TASKS[name].choose else len(TASKS[name].label_names) for name in head_names}
+        self.heads = nn.ModuleDict({name: nn.Sequential(nn.Dropout(dropout), nn.Linear(d, n)) for name, n in outputs.items()
+                                    if family != "seq2seq"})
 
     def forward(self, batch, task):
         """-> (T5's loss or None, scores): (N, n_labels) for a classification head, else (N,), one per input."""
@@ -606,7 +605,8 @@ def evaluate_split(run, split):
 def write_predictions(path, name, rows, preds):
     """The leaderboard's jsonl: {"idx", "label"} per row; MultiRC nested by paragraph and question."""
     submit = TASKS[name].submit or (lambda i: TASKS[name].label_names[i])  # by default the class name
-    lines = [{"idx": r["idx"]["query"] if name == "record" else r["idx"], "label": submit(p)} for r, p in zip(rows, preds)]
+    lines = [{"idx": r["idx"]["query"] if name == "record" else r["idx"], "label": submit(p)}
+             for r, p in zip(rows, preds)]
     if name == "multirc":  # the answers go back under their question and paragraph
         nested = defaultdict(lambda: defaultdict(list))
         for line in lines:
@@ -620,26 +620,11 @@ def write_predictions(path, name, rows, preds):
 
 # -----------------------------------------------------------------------------
 # The recipe's five steps, in the order main() takes them
-@dataclass
-class Run:
-    """What the steps hand on: the checked flags; the data (task -> split -> rows, the splits being train,
-    dev, the slice of train that chooses the epoch, report and test) and its Groups; the model and its
-    surroundings; run_config, what best/ and last/ record; and the loop's counters."""
-    args: argparse.Namespace
-    names: list  # the tasks
-    out: str  # the output folder
-    method: str
-    mept_config: Optional[mept.MEPTConfig]
-    saved: Optional[dict]  # run_config.json of --checkpoint, or of last/ when resuming
-    data: dict = None
-    encoded: dict = None
-    model: nn.Module = None
-    family: str = None
-    run_config: dict = None
-    pad_id: int = 0
-    device: torch.device = None
-    autocast: Callable = None
-    trained: dict = None
+class Run(argparse.Namespace):
+    """What the steps hand on: args, names (the tasks), out (the output folder), method, mept_config and saved
+    (run_config.json of --checkpoint, or of last/ when resuming); then data (task -> split -> rows; the splits:
+    train, dev, the slice of train that chooses the epoch, report, test) and encoded (its Groups); then model,
+    family, run_config (what best/ and last/ record), pad_id, device, autocast; at last the loop's counters."""
 
 
 def parse_args(argv):
@@ -677,7 +662,8 @@ def parse_args(argv):
     if args.checkpoint or args.resume:
         with open(os.path.join(args.checkpoint or last, "run_config.json")) as f:
             saved = json.load(f)
-    untrained = [TASKS[n].eval_as or n for n in names if args.eval_only and (TASKS[n].eval_as or n) not in saved["tasks"]]
+    untrained = [TASKS[n].eval_as or n for n in names if args.eval_only]
+    untrained = [n for n in untrained if n not in saved["tasks"]]
     if untrained:  # a T5 checkpoint has no head per task that would refuse
         raise UserError(f"checkpoint {args.checkpoint} was trained on {','.join(saved['tasks'])}, not on "
                         f"{untrained[0]}; evaluate it on the tasks it learned")
@@ -701,7 +687,7 @@ def parse_args(argv):
     if args.max_length - prompt_len < 8:
         raise UserError(f"prompt_len {prompt_len} leaves no room within max_length {args.max_length}; lower "
                         "--prompt_len or raise --max_length")
-    return Run(args, names, out, method, config, saved)
+    return Run(args=args, names=names, out=out, method=method, mept_config=config, saved=saved, trained={})
 
 
 def load_data(run):
@@ -714,13 +700,14 @@ def load_data(run):
         if not task.eval_as and not args.eval_only:
             train_rows, dev = load_split(task, "train", args.data_dir), []
             if args.dev_from_train > 0:  # a MultiRC question's answers stay together
-                key = lambda r: json.dumps(r["idx"] if name != "multirc" else [r["idx"]["paragraph"], r["idx"]["question"]])  # noqa: E731
+                key = lambda r: json.dumps([r["idx"]["paragraph"], r["idx"]["question"]] if "question" in r else r["idx"])  # noqa: E731
                 train_rows, dev = split_off_dev(train_rows, args.dev_from_train, args.seed, key)
             if not train_rows:
                 raise UserError(f"--dev_from_train {args.dev_from_train} leaves no {name} rows to train on (every "
                                 "row went to dev); lower it or use more training data")
             splits.update(train=take(train_rows, args.max_train_samples), dev=take(dev, args.max_eval_samples))
-        splits["report"] = take(load_split(task, "test" if task.eval_as else "validation", args.data_dir), args.max_eval_samples)
+        report = load_split(task, "test" if task.eval_as else "validation", args.data_dir)
+        splits["report"] = take(report, args.max_eval_samples)
         if args.predict:
             splits["test"] = take(load_split(task, "test", args.data_dir), args.max_eval_samples)
 
@@ -765,19 +752,21 @@ def train(run):
     args, model, groups = run.args, run.model, {n: run.encoded[n]["train"] for n in run.names}
 
     def epoch_batches(epoch):  # the order depends on (seed, epoch) alone, so that a resumed run replays it
-        batches = [(n, b) for n in run.names for b in make_batches(groups[n], args.batch_size, f"{args.seed}-{epoch}-{n}")]
+        batches = [(n, b) for n in run.names for b in make_batches(groups[n], args.batch_size, f"{args.seed}-{epoch}{n}")]
         return random.Random(f"{args.seed}-{epoch}").sample(batches, len(batches))
 
     total = args.max_steps or math.ceil(len(epoch_batches(0)) / args.gradient_accumulation_steps) * args.num_epochs
     prompt = lambda name: isinstance(model.core, mept.MEPT) and not name.startswith("backbone.")  # noqa: E731
     trained = [(n, p) for n, p in model.core.named_parameters() if p.requires_grad]
-    param_groups = [g for g in [dict(params=[p for n, p in trained if prompt(n)], lr=args.lr),
-                                dict(params=list(model.heads.parameters()), lr=args.head_lr),
-                                dict(params=[p for n, p in trained if not prompt(n)], lr=args.backbone_lr)] if g["params"]]
+    param_groups = [dict(params=[p for n, p in trained if prompt(n)], lr=args.lr),
+                    dict(params=list(model.heads.parameters()), lr=args.head_lr),
+                    dict(params=[p for n, p in trained if not prompt(n)], lr=args.backbone_lr)]
+    param_groups = [g for g in param_groups if g["params"]]
     optimizer = torch.optim.AdamW(param_groups, weight_decay=args.weight_decay) if args.optimizer == "adamw" else \
         Adafactor(param_groups, lr=args.lr, relative_step=False, scale_parameter=False, weight_decay=args.weight_decay)
     warmup = math.ceil(args.warmup_ratio * total)  # steps; then a linear decay to 0 at the last step
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min((s + 1) / (warmup + 1), (total - s) / max(1, total - warmup)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min((s + 1) / (warmup + 1),
+                                                                          (total - s) / max(1, total - warmup)))
     state = dict(epoch=0, step=0, best_score=-math.inf, best_epoch=None, bad_evals=0, log_lines=0, elapsed=0.0)
     log, kept = os.path.join(run.out, "log.jsonl"), []
     if args.resume:  # the optimizer, the schedule, the random stream and the counters, as they were saved
@@ -800,7 +789,8 @@ def train(run):
         for i, (name, indices) in enumerate(batches):
             batch_groups = [groups[name][j] for j in indices]
             with run.autocast():
-                loss, _ = group_loss_and_predictions(model, collate(batch_groups, run.pad_id, run.device), batch_groups, name)
+                batch = collate(batch_groups, run.pad_id, run.device)
+                loss = group_loss_and_predictions(model, batch, batch_groups, name)[0]
                 loss = loss + getattr(model.core, "aux_loss", 0.0)  # MEPT's balance term (0 unless asked for)
             (loss / args.gradient_accumulation_steps).backward()
             losses.append(loss.item())
@@ -825,12 +815,14 @@ def train(run):
         if improved:
             state.update(best_score=score, best_epoch=state["epoch"], best_step=state["step"])
             save_checkpoint(model, os.path.join(run.out, "best"), run.run_config)
-        entry = {"epoch": state["epoch"], "step": state["step"], "loss": sum(losses) / len(losses), "lr": schedule.get_last_lr()[0],
-                 "metrics": report, "dev_metrics": select, "elapsed": round(state["elapsed"], 2), "routing": routing}
+        entry = {"epoch": state["epoch"], "step": state["step"], "loss": sum(losses) / len(losses), "metrics": report,
+                 "lr": schedule.get_last_lr()[0], "dev_metrics": select, "elapsed": round(state["elapsed"], 2),
+                 "routing": routing}
         with open(log, "a") as f:
             f.write(json.dumps(entry) + "\n")
         tqdm.write(f"epoch {entry['epoch']} | step {entry['step']} | loss {entry['loss']:.4f} | lr {entry['lr']:.2e} | "
-                   + " | ".join(f"{n} {show(m)}" for n, m in report.items()) + f"{' | best' * improved} | {entry['elapsed']:.0f}s")
+                   + " | ".join(f"{n} {show(m)}" for n, m in report.items()) + " | best" * improved
+                   + f" | {entry['elapsed']:.0f}s")
         save_checkpoint(model, os.path.join(run.out, "last"), run.run_config, trainer_state={
             "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "torch_rng": torch.get_rng_state(),
             "state": state})
@@ -847,10 +839,10 @@ def report(run, started):
         run.model = build_model(core, run.family, run.method, None, run.run_config["heads"], args,
                                 os.path.join(run.out, "best")).to(run.device)
     metrics, preds, routing = evaluate_split(run, "report")
-    results = {**run.run_config, **(run.trained or {}), "metrics": metrics, "routing": routing,
+    results = {**run.run_config, **run.trained, "metrics": metrics, "routing": routing,
                "versions": {p: version(p) for p in ("torch", "transformers", "datasets", "tqdm")},
                "trainable_params": mept.parameters_line(run.model),
-               "report_split": "test (labelled diagnostic)" if any(TASKS[n].eval_as for n in run.names) else "validation",
+               "report_split": "test (diagnostic)" if any(TASKS[n].eval_as for n in run.names) else "validation",
                "selected_on": "train slice (--dev_from_train)" if args.dev_from_train > 0 else "validation",
                "n_rows": {n: {s: len(r) for s, r in splits.items()} for n, splits in run.data.items()},
                # how often each class is predicted: a class never predicted (CB's neutral) caps macro-F1
@@ -859,7 +851,7 @@ def report(run, started):
                "prompt_params": run.model.core.prompt_param_counts() if run.mept_config else None,
                "wall_time_seconds": round(time.time() - started, 1)}
     os.makedirs(run.out, exist_ok=True)
-    for n, p in evaluate_split(run, "test")[1].items() if args.predict else []:  # the leaderboard's files, to zip as they are
+    for n, p in evaluate_split(run, "test")[1].items() if args.predict else []:  # the leaderboard's files
         write_predictions(os.path.join(run.out, f"{TASKS[n].folder}.jsonl"), n, run.data[n]["test"], p)
     with open(os.path.join(run.out, "results.json.tmp"), "w") as f:
         json.dump(results, f, indent=2, default=str)
