@@ -700,7 +700,7 @@ def load_data(run):
         if not task.eval_as and not args.eval_only:
             train_rows, dev = load_split(task, "train", args.data_dir), []
             if args.dev_from_train > 0:  # a MultiRC question's answers stay together
-                key = lambda r: json.dumps([r["idx"]["paragraph"], r["idx"]["question"]] if "question" in r else r["idx"])  # noqa: E731
+                key = lambda r: str(r["idx"]) if name != "multirc" else (r["idx"]["paragraph"], r["idx"]["question"])  # noqa: E731
                 train_rows, dev = split_off_dev(train_rows, args.dev_from_train, args.seed, key)
             if not train_rows:
                 raise UserError(f"--dev_from_train {args.dev_from_train} leaves no {name} rows to train on (every "
