@@ -7,6 +7,7 @@ to 512 tokens, as the official code does.
 
 import argparse
 import os
+import random
 import sys
 import time
 
@@ -33,16 +34,22 @@ def main():
 
     backbone, tokenizer, family = train.load_backbone(args.model)
     config = MEPTConfig()
-    model = train.build_model(backbone, family, "mept", config, ["cb"], 0.1).train()
+    model = train.build_model(backbone, family, "mept", config, ["cb"], argparse.Namespace(head_dropout=0.1)).train()
     budget = args.max_length - config.prompt_len
     rows = train.load_split(train.TASKS["cb"], "train", args.data_dir)
     groups = train.encode_rows("cb", rows, family, tokenizer, budget, training=True)
     params = [q for q in model.parameters() if q.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3)
 
+    def batches(group_by_length):  # train.py's batches, or the same rows in plain random order
+        if group_by_length:
+            return train.make_batches(groups, args.batch_size, seed=0)
+        order = random.Random(0).sample(range(len(groups)), len(groups))
+        return [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)]
+
     def epoch(fixed_length, group_by_length):
         tokens, start = 0, time.perf_counter()
-        for indices in train.make_batches(groups, args.batch_size, seed=0, group_by_length=group_by_length):
+        for indices in batches(group_by_length):
             batch_groups = [groups[i] for i in indices]
             batch = train.collate(batch_groups, tokenizer.pad_token_id, torch.device("cpu"))
             if fixed_length:  # pad every input to the same fixed length, as the official code does
