@@ -7,12 +7,9 @@ Train and evaluate MEPT (and the paper's baselines) on SuperGLUE, in one file re
     python train.py --task rte --method deep_prompt --output_dir out/rte     # a baseline; then the AX-b
     python train.py --task axb --eval_only --checkpoint out/rte/best         # diagnostic, with its checkpoint
 
-Reading order: the command line -> metrics -> TASKS (how each task is cast) -> data -> batches -> the model
--> checkpoints -> evaluation -> the recipe's five steps -> main(). Three backbone families (mept.backbone_family):
-seq2seq (T5) ranks the label words (ReCoRD: the entities) by likelihood and never generates freely; an encoder
-(BERT) has a linear head on [CLS], a decoder (GPT) on its last real token, and both give COPA's and ReCoRD's
-candidates one logit each. The epoch is chosen on a per-label 10% slice of train (--dev_from_train) and the
-official validation split is reported at that epoch, as the official MEPT and SMoP code do.
+Seq2seq backbones (T5) rank the label words (ReCoRD: the entities) by likelihood; an encoder (BERT) has a linear
+head on [CLS], a decoder (GPT) on its last real token. The epoch is chosen on a 10% slice of train and the
+validation split is reported at that epoch, as the official MEPT and SMoP code do.
 """
 
 import argparse
@@ -32,8 +29,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_model, save_model
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM, AutoTokenizer, set_seed
 from transformers.optimization import Adafactor
@@ -41,10 +37,8 @@ from transformers.utils import logging as hf_logging
 
 import mept
 
-# -----------------------------------------------------------------------------
-# The command line: help on every flag; --help shows every default
 
-
+# ---- The command line: help on every flag; --help shows every default --------------------------------------------
 class UserError(Exception):
     """Bad input: the command line prints it as one line, `error: ...`, and exits with status 2."""
 
@@ -56,17 +50,19 @@ class Parser(argparse.ArgumentParser):
 
 def number(kind, low, high=math.inf, below_high=False):
     """An argparse type: a number in [low, high] (or [low, high)), refused in one sentence otherwise."""
-    def parse(text):
-        if not low <= kind(text) <= high or below_high and kind(text) == high:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}" if high == math.inf else
-                                             f"must be in [{low}, {high}{')' if below_high else ']'}, got {text}")
-        return kind(text)
+    def parse(text):  # argparse names this function in "invalid parse value"
+        value = kind(text)
+        if value < low or value > high or (below_high and value == high):
+            interval = f"at least {low}" if high == math.inf else f"in [{low}, {high}{')' if below_high else ']'}"
+            raise argparse.ArgumentTypeError(f"must be {interval}, got {text}")
+        return value
     return parse
 
 
 def build_parser():
-    p, count, rate = Parser(formatter_class=argparse.ArgumentDefaultsHelpFormatter), number(int, 0), number(float, 0)
-    p.description, flag = "Train and evaluate MEPT on SuperGLUE.", p.add_argument
+    p = Parser(description="Train and evaluate MEPT on SuperGLUE.",
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # --help shows every default
+    flag, count, rate = p.add_argument, number(int, 0), number(float, 0)
     # --- task and data ---
     flag("--task", default="cb", help=f"{', '.join(sorted(TASKS))}, or a comma list for mixed training (cb,rte)")
     flag("--data_dir", default=os.environ.get("SUPERGLUE_DIR"), help="a folder in the official SuperGLUE layout "
@@ -105,31 +101,28 @@ def build_parser():
     flag("--num_epochs", type=count, default=25, help="passes over the training rows")
     flag("--max_steps", type=count, default=0, help="stop after N optimizer steps (0: --num_epochs decides)")
     flag("--seed", type=int, default=42, help="seeds the data order, init, dropout and router noise")
-    # --- evaluation, checkpoints, outputs, hardware ---
+    # --- evaluation, checkpoints, outputs ---
     flag("--patience", type=count, default=0, help="stop after N evaluations without gain (0 = off)")
     flag("--output_dir", default=None, help="for best/, last/, log.jsonl, results.json (out/<task>_<method>)")
     flag("--overwrite_output_dir", action="store_true", help="start anew in a folder that holds a run")
-    flag("--resume", action="store_true", help="continue the run in --output_dir from its last/")
-    flag("--eval_only", action="store_true", help="no training: evaluate --checkpoint")
+    mode = p.add_mutually_exclusive_group()  # argparse refuses --resume with --eval_only
+    mode.add_argument("--resume", action="store_true", help="continue the run in --output_dir from its last/")
+    mode.add_argument("--eval_only", action="store_true", help="no training: evaluate --checkpoint")
     flag("--checkpoint", default=None, help="a best/ folder to evaluate (an RTE one for axb and axg)")
     flag("--predict", action="store_true", help="write the leaderboard's <Task>.jsonl for the test split")
-    flag("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
-    flag("--precision", choices=["auto", "fp32", "bf16"], default="auto", help="bf16 autocast; auto: on CUDA")
     return p
 
 
-# -----------------------------------------------------------------------------
-# The official metrics (the SuperGLUE paper; T5's and `evaluate`'s super_glue code). preds and golds are
-# class ids; ReCoRD's are entity strings.
-
-
+# ---- The official metrics (the SuperGLUE paper; T5's and `evaluate`'s super_glue code) ---------------------------
+# preds and golds are class ids; ReCoRD's are entity strings
 def accuracy(preds, golds):
     return sum(p == g for p, g in zip(preds, golds)) / len(golds)
 
 
 def f1_of_class(preds, golds, c):
     """2 TP / (2 TP + FP + FN); 0 when the class is never hit (sklearn's zero_division=0)."""
-    tp, wrong = sum(p == g == c for p, g in zip(preds, golds)), sum((p == c) != (g == c) for p, g in zip(preds, golds))
+    tp = sum(p == g == c for p, g in zip(preds, golds))
+    wrong = sum((p == c) != (g == c) for p, g in zip(preds, golds))  # FP + FN
     return 2 * tp / (2 * tp + wrong) if tp else 0.0
 
 
@@ -141,9 +134,14 @@ def matthews_corr(preds, golds):
     return (tp * tn - fp * fn) / denominator if denominator else 0.0
 
 
+def cb_metrics(rows, preds):  # macro-F1 over ALL three classes: one never predicted counts 0
+    golds = [r["label"] for r in rows]
+    return {"accuracy": accuracy(preds, golds), "f1": sum(f1_of_class(preds, golds, c) for c in range(3)) / 3}
+
+
 def record_metrics(rows, preds):
-    """The max over the gold answers of token F1 and of exact match, averaged over the queries; answers are
-    normalised as in SQuAD (lowercase, no punctuation, no articles a/an/the, single spaces)."""
+    """Token F1 and exact match, each the max over the gold answers, normalised as in SQuAD (no case, punctuation
+    or articles)."""
     def words(text):
         return re.sub(r"\b(a|an|the)\b", " ", "".join(c for c in text.lower() if c not in string.punctuation)).split()
 
@@ -164,8 +162,8 @@ def multirc_metrics(rows, preds):
 
 
 def axg_metrics(rows, preds):
-    """Accuracy, and gender parity: the share of minimal pairs (one pair_id, he/she swapped) predicted alike.
-    Hub rows carry no pair_id; there the pairs are consecutive idx (0-1, 2-3, ...)."""
+    """Accuracy, and gender parity: the share of minimal pairs (he/she swapped) predicted alike. Hub rows have
+    no pair_id; their pairs are consecutive idx (0-1, 2-3, ...)."""
     pairs = defaultdict(set)
     for row, pred in zip(rows, preds):
         pairs[row.get("pair_id", row["idx"] // 2)].add(pred)
@@ -173,20 +171,9 @@ def axg_metrics(rows, preds):
             "gender_parity": sum(len(p) == 1 for p in pairs.values()) / len(pairs)}
 
 
-# -----------------------------------------------------------------------------
-# How each task is cast: T5 reads "<task> field: value field: value ..." (the t5 library's strings, in its
-# order of fields); the heads read `pair(row)`, a (text_a, text_b or None) per model input
-
-
-def mark_wsc_spans(row):
-    """'Mark told Pete ... He ...' -> '* Mark * told Pete ... # He # ...', by word index (T5's wsc)."""
-    words = row["text"].split(" ")
-    for index, span, mark in sorted([(row["span1_index"], row["span1_text"], "*"),
-                                     (row["span2_index"], row["span2_text"], "#")], reverse=True):  # right to left
-        words[index:index + len(span.split(" "))] = [mark, *words[index:index + len(span.split(" "))], mark]
-    return " ".join(words)
-
-
+# ---- How each task is cast ---------------------------------------------------------------------------------------
+# T5 reads "<task> field: value field: value ..." (the t5 library's strings, in its order of fields); the heads
+# read `pair(row)`, a (text_a, text_b or None) per model input
 @dataclass(frozen=True)
 class Task:
     folder: str  # folder of the official zip (AX-b, AX-g: folder and file stem)
@@ -202,8 +189,13 @@ class Task:
 
 
 def t5_input(task, row):  # "cb hypothesis: ... premise: ..."; a diagnostic reads as RTE, as in T5
-    return " ".join([task.eval_as or task.folder.lower()] + [f"{f}: {', '.join(row[f]) if f == 'entities' else row[f]}"
-                                                             for f in task.t5])
+    fields = [f"{f}: {', '.join(row[f]) if f == 'entities' else row[f]}" for f in task.t5]
+    return " ".join([task.eval_as or task.folder.lower()] + fields)
+
+
+def copa_pair(row):  # "The sun rose because" + each alternative
+    connective = " because" if row["question"] == "cause" else " so"
+    return [(row["premise"].rstrip(".") + connective, row[c]) for c in ("choice1", "choice2")]
 
 
 BOOL, NLI, CB = ("False", "True"), ("entailment", "not_entailment"), ("entailment", "contradiction", "neutral")
@@ -212,12 +204,9 @@ PREMISE = lambda r: [(r["premise"], r["hypothesis"])]  # noqa: E731  (the NLI ta
 TASKS = {
     "boolq": Task("BoolQ", "boolq", BOOL, ("passage", "question"), lambda r: [(r["question"], r["passage"])],
                   passage="passage", submit=LOWER),
-    "cb": Task("CB", "cb", CB, ("hypothesis", "premise"), PREMISE, passage="premise",  # macro-F1 over ALL classes
-               metrics=lambda rows, p: {"accuracy": accuracy(p, golds := [r["label"] for r in rows]),
-                                        "f1": sum(f1_of_class(p, golds, c) for c in range(3)) / 3}),
-    "copa": Task("COPA", "copa", ("choice1", "choice2"), ("choice1", "choice2", "premise", "question"), choose=True,
-                 submit=int, pair=lambda r: [(r["premise"].rstrip(".") + (" because" if r["question"] == "cause"
-                                                                          else " so"), r[c]) for c in ("choice1", "choice2")]),
+    "cb": Task("CB", "cb", CB, ("hypothesis", "premise"), PREMISE, passage="premise", metrics=cb_metrics),
+    "copa": Task("COPA", "copa", ("choice1", "choice2"), ("choice1", "choice2", "premise", "question"), copa_pair,
+                 choose=True, submit=int),
     "multirc": Task("MultiRC", "multirc", BOOL, ("question", "answer", "paragraph"), passage="paragraph", submit=int,
                     pair=lambda r: [(r["paragraph"], f"{r['question']} {r['answer']}")], metrics=multirc_metrics),
     "record": Task("ReCoRD", "record", (), ("query", "entities", "passage"), metrics=record_metrics, choose=True,
@@ -237,43 +226,26 @@ ALIASES = {"wsc.fixed": "wsc", "ax-b": "axb", "ax-g": "axg"}  # the Hub's config
 show = lambda metrics: " ".join(f"{k} {100 * v:.2f}" for k, v in metrics.items())  # noqa: E731
 
 
-# -----------------------------------------------------------------------------
-# Data: the official zip layout or Hub rows, normalised to the Hub's schema. A row is one example as the
-# Hub has it (MultiRC: one per answer; ReCoRD: one per query); an unlabelled row has label -1.
-
-
-def read_jsonl(path):
-    """(line number, dict) per line; a malformed line names its file and line."""
-    with open(path, "rb") as f:  # bytes, decoded line by line, so that a bad byte is reported on its line
-        for number, raw in enumerate(f, start=1):
-            try:
-                record = json.loads(raw.decode("utf-8-sig" if number == 1 else "utf-8")) if raw.strip() else {}
-            except UnicodeDecodeError as e:
-                raise UserError(f"{path} line {number}: not UTF-8 text ({e.reason}); save it as UTF-8") from None
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path} line {number}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise UserError(f"{path} line {number}: expected a JSON object, got {type(record).__name__}")
-            yield from [(number, record)] if record else []
-
-
-def label_id(task, value, where):
-    """A raw label (JSON bool, int, class name, or missing) -> class id, or -1 when unlabelled."""
-    names = task.label_names
-    if value is None or isinstance(value, bool) and names == BOOL or type(value) is int and -1 <= value < len(names):
-        return -1 if value is None else int(value)  # bools (BoolQ, WiC, WSC, MultiRC); ids (COPA; the Hub's)
-    if value not in names:
-        raise UserError(f"{where}: label {value!r} is not one of the {task.folder} labels {list(names)}")
-    return names.index(value)
-
-
+# ---- Data: the official zip layout or Hub rows, normalised to the Hub's schema -----------------------------------
+# A row is one example as the Hub has it (MultiRC: one per answer; ReCoRD: one per query); unlabelled: label -1
 def normalise(task, raw, where, ordinal):
-    """One raw record -> its rows in the Hub schema. MultiRC's HTML and ReCoRD's '@highlight' lines are
-    rewritten here, before any truncation could cut a tag in half."""
-    clean = lambda text: re.sub(r"</?b>", "", text.replace("<br>", " "))  # noqa: E731  (MultiRC)
+    """One raw record -> its rows in the Hub schema, markup rewritten before any truncation could cut it."""
+    def clean(text):  # MultiRC's markup
+        return re.sub(r"</?b>", "", text.replace("<br>", " "))
+
+    def label_id(value):  # a JSON bool, int or class name -> class id; missing -> -1 (unlabelled)
+        names = task.label_names
+        if value is None:
+            return -1
+        if (isinstance(value, bool) and names == BOOL) or (type(value) is int and -1 <= value < len(names)):
+            return int(value)  # bools (BoolQ, WiC, WSC, MultiRC); ids (COPA; the Hub's)
+        if value not in names:
+            raise UserError(f"{where}: label {value!r} is not one of the {task.folder} labels {list(names)}")
+        return names.index(value)
+
     if task.folder == "MultiRC" and isinstance(raw.get("passage"), dict):  # the official nesting
         return [{"paragraph": clean(raw["passage"]["text"]), "question": q["question"], "answer": a["text"],
-                 "label": label_id(task, a.get("label"), where),
+                 "label": label_id(a.get("label")),
                  "idx": {"paragraph": int(raw["idx"]), "question": int(q["idx"]), "answer": int(a["idx"])}}
                 for q in raw["passage"]["questions"] for a in q["answers"]]
     if task.folder == "ReCoRD":  # the official nesting (entity spans end inclusively), or a Hub row
@@ -285,11 +257,16 @@ def normalise(task, raw, where, ordinal):
                  "answers": sorted({a["text"] if nested else a for a in qa.get("answers", [])}),
                  "idx": {"passage": int(raw["idx"]), "query": int(qa["idx"])} if nested else raw["idx"]}
                 for qa in (raw["qas"] if nested else [raw])]
-    row = {**raw, **raw.get("target", {}), "label": label_id(task, raw.get("label"), where)}  # WSC nests its spans
-    if isinstance(row.get("paragraph"), str):
+    row = {**raw, **raw.get("target", {}), "label": label_id(raw.get("label"))}  # WSC nests its spans
+    if task.folder == "MultiRC":  # a Hub row
         row["paragraph"] = clean(row["paragraph"])
-    if task.folder == "WSC":
-        row["text"] = mark_wsc_spans(row)
+    if task.folder == "WSC":  # 'Mark told Pete ... He ...' -> '* Mark * told Pete ... # He # ...' (T5's wsc)
+        words = row["text"].split(" ")
+        spans = [(row["span1_index"], row["span1_text"], "*"), (row["span2_index"], row["span2_text"], "#")]
+        for start, span, mark in sorted(spans, reverse=True):  # right to left, so that the left index still holds
+            end = start + len(span.split(" "))
+            words[start:end] = [mark, *words[start:end], mark]
+        row["text"] = " ".join(words)
     if task.folder == "AX-b":  # read as RTE
         row["premise"], row["hypothesis"] = row.pop("sentence1", None), row.pop("sentence2", None)
     if not isinstance(row.get("idx"), dict):  # AX-b writes idx as a string; a missing idx is the position
@@ -301,59 +278,65 @@ def load_split(task, split, data_dir):
     """The rows of one split, from the official layout under data_dir or from the Hub, checked."""
     if data_dir is None:
         import datasets  # only Hub runs pay for it
+        path = f"aps/super_glue/{task.hub_name} {split}"
         try:
             records = enumerate(datasets.load_dataset("aps/super_glue", task.hub_name, split=split), start=1)
         except Exception as e:  # offline, no such dataset...: the same advice
             raise UserError(f"could not load aps/super_glue/{task.hub_name} from the Hub ({type(e).__name__}); "
                             "without a network pass --data_dir DIR with the official SuperGLUE files") from None
-        path = f"aps/super_glue/{task.hub_name} {split}"
     else:
-        names = [task.folder] if task.eval_as else {"train": ["train"], "validation": ["val", "validation"],
-                                                    "test": ["test"]}[split]
-        found = [os.path.join(data_dir, task.folder, f"{n}.jsonl") for n in names]
-        path = next((c for c in found if os.path.isfile(c)), None)
-        if path is None:
+        stem = task.folder if task.eval_as else {"train": "train", "validation": "val", "test": "test"}[split]
+        path = os.path.join(data_dir, task.folder, f"{stem}.jsonl")
+        if not os.path.isfile(path):
             raise UserError(f"data folder {data_dir} does not exist" if not os.path.isdir(data_dir) else
-                            f"missing file {found[0]} (--data_dir holds the official layout <Task>/<split>.jsonl)")
-        records = read_jsonl(path)
+                            f"missing file {path} (--data_dir holds the official layout <Task>/<split>.jsonl)")
+        with open(path, "rb") as f:  # bytes, decoded line by line, so that a bad byte is reported on its line
+            records = [(number, line) for number, line in enumerate(f, start=1) if line.strip()]
     rows = []
-    for ordinal, (number, raw) in enumerate(records):
+    for ordinal, (number, record) in enumerate(records):
+        where = f"{path} line {number}"
         try:
-            rows += normalise(task, dict(raw), f"{path} line {number}", ordinal)
+            if isinstance(record, bytes):  # -sig: a byte order mark (Windows editors write one) is dropped
+                record = json.loads(record.decode("utf-8-sig"))
+            rows += normalise(task, dict(record), where, ordinal)
+        except UnicodeDecodeError as e:
+            raise UserError(f"{where}: not UTF-8 text ({e.reason}); save it as UTF-8") from None
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}: not valid JSON ({e.msg})") from None
         except (KeyError, TypeError, ValueError, AttributeError) as e:  # a record without its task's shape
-            raise UserError(f"{path} line {number}: malformed {task.folder} record ({type(e).__name__}: {e})") from None
-    labelled = split != "test" or task.eval_as
-    for i, row in enumerate(rows or [{}]):
-        problem = "has no examples" if not row else next((f"example {i}: field {f!r} should be text, got {row.get(f)!r}"
-                                                          for f in task.t5 if type(row.get(f)) not in (str, list)), None)
-        if not problem and task.folder == "ReCoRD" and not row["entities"]:
-            problem = f"example {i}: ReCoRD needs a non-empty list of entity strings to choose from"
-        if not problem and labelled and (not row["answers"] if task.folder == "ReCoRD" else row["label"] < 0):
-            problem = f"example {i}: no label (only the test split may be unlabelled)"
-        if problem:
-            raise UserError(f"{path} {problem}")
+            raise UserError(f"{where}: malformed {task.folder} record ({type(e).__name__}: {e})") from None
+    if not rows:
+        raise UserError(f"{path} has no examples")
+    for i, row in enumerate(rows):
+        bad = [f for f in task.t5 if not isinstance(row.get(f), (str, list))]
+        if bad:
+            raise UserError(f"{path} example {i}: field {bad[0]!r} should be text, got {row.get(bad[0])!r}")
+        if task.folder == "ReCoRD" and not row["entities"]:
+            raise UserError(f"{path} example {i}: ReCoRD needs a non-empty list of entity strings to choose from")
+        unlabelled = not row["answers"] if task.folder == "ReCoRD" else row["label"] < 0
+        if unlabelled and (split != "test" or task.eval_as):
+            raise UserError(f"{path} example {i}: no label (only the test split may be unlabelled)")
     return rows
 
 
-def split_off_dev(rows, share, seed, group_of):
-    """Hold out `share` of train, per label, to choose the epoch on; the rows of one group (a MultiRC
-    question) stay together. Returns (train, dev)."""
+def split_off_dev(name, rows, share, seed):
+    """(train, dev): `share` of each label's rows chooses the epoch; a MultiRC question's answers stay together."""
+    def group(row):
+        return (row["idx"]["paragraph"], row["idx"]["question"]) if name == "multirc" else str(row["idx"])
+
     rng, by_label, dev = random.Random(seed), defaultdict(list), set()
-    for key, label in {group_of(row): row["label"] for row in rows}.items():
+    for key, label in {group(row): row["label"] for row in rows}.items():
         by_label[label].append(key)
     for label in sorted(by_label):
         dev.update(rng.sample(by_label[label], max(1, round(share * len(by_label[label])))))
-    return [r for r in rows if group_of(r) not in dev], [r for r in rows if group_of(r) in dev]
+    return [r for r in rows if group(r) not in dev], [r for r in rows if group(r) in dev]
 
 
-# -----------------------------------------------------------------------------
-# Batches: rows -> token ids, padded per batch, in length-grouped batches. A Group is one row ready for the
-# model: one input (a class), several (COPA's or ReCoRD's candidates), or, for T5's rank classification,
-# the same input once per label word.
-
-
+# ---- Batches: rows -> token ids, in batches of similar lengths, padded per batch ---------------------------------
 @dataclass
 class Group:
+    """One row ready for the model: one input (a class), one per candidate (COPA, ReCoRD), or T5's input once
+    per label word."""
     task: str
     row: int  # index into the split's rows
     input_ids: list  # one token-id list per model input
@@ -363,50 +346,54 @@ class Group:
 
 
 def encode_inputs(task, row, family, tokenizer, budget):
-    """Every model input of a row, within `budget` tokens: encoders get the tokenizer's pair format ([CLS] a
-    [SEP] b [SEP]), decoders 'a\\nb', T5 one string. Too long: the passage field is cut by the overflow, in
-    tokens, and the row encoded again; the question or hypothesis is never cut."""
-    def build(r, cut=None):
+    """A row's model inputs within `budget` tokens: encoders get the tokenizer's pair format, decoders 'a\\nb', T5
+    one string. Too long: the passage is cut by the overflow and encoded again, never the question or hypothesis."""
+    def encode(r, cut=None):
         texts = [(t5_input(task, r), None)] if family == "seq2seq" else task.pair(r)
         texts = [(f"{a}\n{b}", None) if family == "decoder" and b else (a, b) for a, b in texts]
         out = [tokenizer(a, *[b] * bool(b), **(dict(truncation=True, max_length=cut) if cut else {})) for a, b in texts]
         return [(e["input_ids"], e.get("token_type_ids") if family == "encoder" else None) for e in out]
 
-    encoded, passage = build(row), tokenizer(row.get(task.passage, ""), add_special_tokens=False)["input_ids"]
-    overflow = lambda: max(len(ids) for ids, _ in encoded) - budget  # noqa: E731
+    def overflow():  # tokens beyond the budget in the longest input
+        return max(len(ids) for ids, _ in encoded) - budget
+
+    encoded, passage = encode(row), tokenizer(row.get(task.passage, ""), add_special_tokens=False)["input_ids"]
     keep = len(passage) - overflow()
     while overflow() > 0 and task.passage and keep > 0:
-        encoded = build({**row, task.passage: tokenizer.decode(passage[:keep])})
+        encoded = encode({**row, task.passage: tokenizer.decode(passage[:keep])})
         keep -= max(overflow(), 1)
-    return encoded if overflow() <= 0 else build(row, budget)  # else the tokenizer cuts
+    return encoded if overflow() <= 0 else encode(row, budget)  # else the tokenizer cuts
 
 
 def encode_rows(name, rows, family, tokenizer, budget, training):
-    """Rows -> Groups. T5 trains on (input, gold word) pairs (ReCoRD: one per gold answer) and is scored on
-    every candidate; the heads see the same inputs in training and evaluation."""
+    """Rows -> Groups. T5 trains on (input, gold word) pairs and ranks every word; the heads see the same inputs."""
     task, groups = TASKS[name], []
     for i, row in enumerate(rows):
         encoded = encode_inputs(task, row, family, tokenizer, budget)
-        ids, types = [e[0] for e in encoded], [e[1] for e in encoded] if encoded[0][1] is not None else None
-        names = task.label_names or row["entities"]  # what rank classification and the argmax pick from
-        gold = [row["label"]] * (row["label"] >= 0) if task.label_names else [j for j, e in enumerate(names)
-                                                                             if e in row["answers"]]
-        if family != "seq2seq" and not (task.choose and training and not gold):  # no entity answers: no lesson
-            groups.append(Group(name, i, ids, types, None, gold))
-        elif family == "seq2seq" and training:
-            answers = row["answers"] if not task.label_names else [task.label_names[row["label"]]]
+        ids, types = [e[0] for e in encoded], [e[1] for e in encoded]
+        if task.label_names:  # a class
+            words, gold = task.label_names, [row["label"]] if row["label"] >= 0 else []
+        else:  # ReCoRD: the entities, and which of them answer
+            words, gold = row["entities"], [j for j, e in enumerate(row["entities"]) if e in row["answers"]]
+        if family == "seq2seq" and training:
+            answers = [words[row["label"]]] if task.label_names else row["answers"]
             groups += [Group(name, i, ids, None, [tokenizer(a)["input_ids"]], [0]) for a in answers]
-        elif family == "seq2seq":
-            groups.append(Group(name, i, ids * len(names), None, [tokenizer(w)["input_ids"] for w in names], gold))
+        elif family == "seq2seq":  # the input once per word, to rank the words
+            groups.append(Group(name, i, ids * len(words), None, [tokenizer(w)["input_ids"] for w in words], gold))
+        elif gold or not (task.choose and training):  # a choice without a right answer teaches nothing
+            groups.append(Group(name, i, ids, types if types[0] is not None else None, None, gold))
     return groups
 
 
 def make_batches(groups, batch_size, seed=None):
-    """Lists of group indices. With a seed: shuffled, sorted by length inside windows of 50 batches (little
-    padding, yet random), the batches shuffled again. Without: sorted by length."""
-    length, rng, window = lambda i: sum(map(len, groups[i].input_ids)), random.Random(seed), 50 * batch_size
-    order = rng.sample(range(len(groups)), len(groups)) if seed is not None else sorted(range(len(groups)), key=length)
-    order = [i for s in range(0, len(order), window) for i in sorted(order[s:s + window], key=length)]
+    """Lists of group indices, sorted by length; with a seed, shuffled and sorted only inside windows of 50
+    batches (little padding, yet random), the batches shuffled again."""
+    rng, order = random.Random(seed), list(range(len(groups)))
+    window = 50 * batch_size if seed is not None else len(order) + 1  # without a seed, one window: all sorted
+    if seed is not None:
+        order = rng.sample(order, len(order))
+    order = [i for s in range(0, len(order), window)
+             for i in sorted(order[s:s + window], key=lambda i: sum(map(len, groups[i].input_ids)))]
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     return rng.sample(batches, len(batches)) if seed is not None else batches
 
@@ -426,10 +413,7 @@ def collate(groups, pad_id, device):
     return batch
 
 
-# -----------------------------------------------------------------------------
-# The model: a backbone (frozen under MEPT), MEPT's prompt experts, and a head per task
-
-
+# ---- The model: a backbone (frozen under MEPT), MEPT's prompt experts, and a head per task -----------------------
 def load_backbone(name):
     """Backbone, tokenizer and family ('seq2seq', 'encoder' or 'decoder'), read from the loaded model."""
     hf_logging.set_verbosity_error()  # "some weights were not used" and progress bars would bury the log
@@ -441,25 +425,25 @@ def load_backbone(name):
         auto = AutoModelForSeq2SeqLM if AutoConfig.from_pretrained(name).is_encoder_decoder else AutoModel
         backbone, tokenizer = auto.from_pretrained(name), AutoTokenizer.from_pretrained(name)
         family = mept.backbone_family(backbone)
-    except (OSError, ValueError, ImportError) as e:  # mept's refusals are ValueErrors
+    except (OSError, ValueError, ImportError, KeyError) as e:  # mept's refusals are ValueErrors
         if not local and isinstance(e, OSError):
             raise UserError(f"could not load {name!r} from the Hugging Face Hub (no network, or no such model); "
                             "download it elsewhere and pass --model PATH, with --data_dir DIR for the data") from None
-        raise UserError(f"unsupported backbone {name}: {str(e).splitlines()[0]}") from None
+        reason = "no text tokenizer" if isinstance(e, KeyError) else str(e).splitlines()[0]  # KeyError: transformers 4
+        raise UserError(f"unsupported backbone {name}: {reason}") from None
     return backbone, tokenizer, family
 
 
 class TaskModel(nn.Module):
-    """`core` is MEPT(backbone), or the backbone itself (head_only, finetune). A head per task, the same for
-    every method so that the prompts, not the head, carry the adaptation: dropout and one linear layer on the
-    pooled token, a linear probe. None for seq2seq: T5 scores the label words with its own LM head."""
+    """`core` is MEPT(backbone) or the backbone. The same linear head per task for every method, so that the
+    prompts, not the head, carry the adaptation; none for seq2seq: T5 scores the label words with its LM head."""
 
     def __init__(self, core, family, head_names, dropout, d):  # d: the width of the backbone's output
         super().__init__()
-        self.core, self.family = core, family
-        outputs = {name: 1 if TASKS[name].choose else len(TASKS[name].label_names) for name in head_names}
-        self.heads = nn.ModuleDict({name: nn.Sequential(nn.Dropout(dropout), nn.Linear(d, n)) for name, n in outputs.items()
-                                    if family != "seq2seq"})
+        self.core, self.family, self.heads = core, family, nn.ModuleDict()
+        for name in head_names if family != "seq2seq" else []:
+            outputs = 1 if TASKS[name].choose else len(TASKS[name].label_names)
+            self.heads[name] = nn.Sequential(nn.Dropout(dropout), nn.Linear(d, outputs))
 
     def forward(self, batch, task):
         """-> (T5's loss or None, scores): (N, n_labels) for a classification head, else (N,), one per input."""
@@ -467,7 +451,7 @@ class TaskModel(nn.Module):
         if self.family == "seq2seq":
             out, labels = self.core(**inputs, labels=batch["labels"]), batch["labels"]  # labels (N, T_target)
             token_logp = out.logits.float().log_softmax(-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-            return out.loss, (token_logp * (labels != -100)).sum(-1)  # (N,): log p(target | input), rank classification
+            return out.loss, (token_logp * (labels != -100)).sum(-1)  # (N,): log p(target | input), to rank
         hidden = self.core(**inputs).last_hidden_state  # (N, P+T, D) under MEPT, (N, T, D) without
         if self.family == "encoder":
             pooled = hidden[:, 0]  # (N, D): [CLS]; MEPT's slots sit right after it
@@ -481,30 +465,25 @@ class TaskModel(nn.Module):
 def group_loss_and_predictions(model, batch, groups, task):
     """Run a batch: the training loss (None when nothing is labelled) and the predicted choice per group."""
     lm_loss, scores = model(batch, task)
+    if scores.dim() == 1:  # one score per input: each group's scores in a row, -inf where a group has fewer
+        per_group = list(scores.split(batch["sizes"]))
+        scores = nn.utils.rnn.pad_sequence(per_group, batch_first=True, padding_value=-math.inf)  # (G, C)
     labelled = [i for i, g in enumerate(groups) if g.gold]
-    if scores.dim() == 2:  # a classification head, one input per group: (G, n_labels)
-        gold = torch.tensor([groups[i].gold[0] for i in labelled], device=scores.device)
-        return (F.cross_entropy(scores[labelled], gold) if labelled else None), scores.argmax(-1).tolist()
-    # one score per input: each group's scores in a row, -inf where a group has fewer inputs
-    per_group = nn.utils.rnn.pad_sequence(list(scores.split(batch["sizes"])), batch_first=True, padding_value=-math.inf)
-    if lm_loss is not None or not labelled:
-        return lm_loss, per_group.argmax(-1).tolist()  # T5 trains with its LM loss on the gold word
-    is_gold = torch.zeros_like(per_group, dtype=torch.bool)  # (G, C)
+    if lm_loss is not None or not labelled:  # T5 trains with its LM loss on the gold word
+        return lm_loss, scores.argmax(-1).tolist()
+    is_gold = torch.zeros_like(scores, dtype=torch.bool)  # (G, C)
     for i in labelled:
         is_gold[i, groups[i].gold] = True
-    rows = per_group[labelled]  # -log(softmax mass on the gold inputs): cross-entropy; several golds for ReCoRD
+    rows = scores[labelled]  # -log(softmax mass on the gold choices): cross-entropy; several golds for ReCoRD
     loss = (rows.logsumexp(-1) - rows.masked_fill(~is_gold[labelled], -math.inf).logsumexp(-1)).mean()
-    return loss, per_group.argmax(-1).tolist()
+    return loss, scores.argmax(-1).tolist()
 
 
-# -----------------------------------------------------------------------------
-# Checkpoints: best/ and last/ hold only what trains (mept.py's files, head.safetensors), written to a
-# temporary folder and renamed, so that an interrupted save never replaces a good one
-
-
+# ---- Checkpoints -------------------------------------------------------------------------------------------------
+# best/ and last/ hold only what trains (mept.py's files, head.safetensors), written to a temporary folder and
+# renamed, so that an interrupted save never replaces a good one
 def write_atomically(directory, write=None):
-    """write(tmp) into a temporary folder, then two renames; write=None only recovers the good copy that a
-    save killed between its two renames left as directory.old."""
+    """write(tmp) into a temporary folder, then two renames; write=None only puts back a good directory.old."""
     tmp, old = directory + ".tmp", directory + ".old"
     if not os.path.isdir(directory) and os.path.isdir(old):
         os.rename(old, directory)
@@ -527,8 +506,7 @@ def save_checkpoint(model, directory, run_config, trainer_state=None):
         elif run_config["method"] == "finetune":  # save_model stores T5's tied embeddings once
             save_model(model.core, os.path.join(tmp, "backbone.safetensors"))
         if len(model.heads):
-            save_file({k: v.contiguous().cpu() for k, v in model.heads.state_dict().items()},
-                      os.path.join(tmp, "head.safetensors"))
+            save_model(model.heads, os.path.join(tmp, "head.safetensors"))
         with open(os.path.join(tmp, "run_config.json"), "w") as f:
             json.dump(run_config, f, indent=2)
         if trainer_state is not None:  # last/ only: what --resume needs
@@ -541,42 +519,42 @@ def build_model(backbone, family, method, mept_config, head_names, args, checkpo
     if method in mept.PRESETS:
         try:
             core = mept.MEPT.from_pretrained(backbone, checkpoint) if checkpoint else mept.MEPT(backbone, mept_config)
-        except ValueError as e:  # mept.py speaks of MEPTConfig fields; here they are flags
-            what = "unsupported backbone: " if isinstance(e, mept.UnsupportedBackbone) else \
-                "" if checkpoint else "impossible MEPT settings: "
-            raise UserError(what + str(e).replace("layers=[0]", "--layers 0")) from None
+        except mept.UnsupportedBackbone as e:  # mept.py speaks of MEPTConfig fields; here they are flags
+            raise UserError(f"unsupported backbone: {e}".replace("layers=[0]", "--layers 0")) from None
+        except ValueError as e:  # settings MEPT cannot take, or a checkpoint of another backbone
+            raise UserError(f"{'' if checkpoint else 'impossible MEPT settings: '}{e}") from None
     else:
         core = backbone.requires_grad_(method == "finetune")  # head_only: a linear probe on a frozen backbone
         if checkpoint and method == "finetune":
             load_model(backbone, os.path.join(checkpoint, "backbone.safetensors"))
     model = TaskModel(core, family, head_names, args.head_dropout, backbone.config.hidden_size)
     if checkpoint and len(model.heads):
-        model.heads.load_state_dict(load_file(os.path.join(checkpoint, "head.safetensors")))
+        load_model(model.heads, os.path.join(checkpoint, "head.safetensors"))
     return model
 
 
-# -----------------------------------------------------------------------------
-# Evaluation: every row of a split scored, the official metrics, and the routing's health
-
-
+# ---- Evaluation: every row of a split scored, the official metrics, and the routing's health ---------------------
 def routing_health(experts, n_experts, gold=None, n_classes=1):
-    """One routed block on a split, from each example's top expert: the entropy of the expert load in bits
-    (log2 E: even; 0: one expert takes all), the busiest expert's share (above 0.9: collapsed) and, given
-    gold classes, the mutual information in bits of expert and class (0: routing ignores the label)."""
+    """One routed block, from each example's experts: the load (every top-k choice), the top expert's load
+    entropy in bits (log2 E: even; 0: one takes all), the busiest one's share (> 0.9: collapsed) and, given
+    classes, the mutual information of top expert and class in bits (0: the routing ignores the label)."""
+    def bits(q):  # the entropy of a distribution
+        return abs((q[q > 0] * q[q > 0].log2()).sum().item())
+
     joint = torch.zeros(n_experts, max(n_classes, 1))  # (E, C): how many examples of class c took expert e
-    for e, c in zip(experts, gold or [0] * len(experts)):
-        joint[e, c] += 1
-    p = joint / joint.sum()  # (E, C)
-    bits = lambda q: abs((q[q > 0] * q[q > 0].log2()).sum().item())  # noqa: E731  (a distribution's entropy)
-    health = {"load_entropy": bits(p.sum(1)), "top_share": p.sum(1).max().item()}
-    return health | ({"mutual_information": bits(p.sum(1)) + bits(p.sum(0)) - bits(p.flatten())} if gold else {})
+    for chosen, c in zip(experts, gold or [0] * len(experts)):
+        joint[chosen[0], c] += 1
+    p, load = joint / joint.sum(), Counter(e for chosen in experts for e in chosen)  # (E, C)
+    health = {"load": [load[e] for e in range(n_experts)], "load_entropy": bits(p.sum(1)),
+              "top_share": p.sum(1).max().item()}
+    if gold:
+        health["mutual_information"] = bits(p.sum(1)) + bits(p.sum(0)) - bits(p.flatten())
+    return health
 
 
 @torch.no_grad()
 def evaluate_split(run, split):
-    """Score every row of one split of every task: ({task: official metrics, or None for unlabelled rows},
-    {task: the prediction per row}, {task: per routed block, the load over the experts (every top-k choice)
-    and routing_health})."""
+    """One split of every task scored: ({task: official metrics}, {task: predictions}, {task: routing})."""
     run.model.eval()
     metrics, predictions, routing = {}, {}, {}
     for name in [n for n in run.names if split in run.data[n]]:
@@ -592,12 +570,10 @@ def evaluate_split(run, split):
             first = [sum(batch["sizes"][:i]) for i in range(len(batch_groups))]  # each group's first input
             for layer, routed in getattr(run.model.core, "routing", {}).items():  # picks[layer][row]: its experts
                 picks[layer].update(zip([g.row for g in batch_groups], routed.expert_idx[first].tolist()))
-        labelled = all(r["label"] >= 0 for r in rows) if task.label_names else all(r["answers"] for r in rows)
-        metrics[name] = task.metrics(rows, preds) if labelled else None
-        gold = [r["label"] for r in rows] if labelled and not task.choose else None  # classes to relate routing to
-        routing[name] = {str(layer): {"load": [Counter(e for x in by_row.values() for e in x)[e] for e in range(
-            run.mept_config.n_experts)], **routing_health([by_row[r][0] for r in range(len(rows))],
-                                                          run.mept_config.n_experts, gold, len(task.label_names))}
+        metrics[name] = task.metrics(rows, preds) if split != "test" else None  # test rows have no labels
+        gold = [r["label"] for r in rows] if split != "test" and not task.choose else None  # classes for the MI
+        routing[name] = {str(layer): routing_health([by_row[r] for r in range(len(rows))], run.mept_config.n_experts,
+                                                    gold, len(task.label_names))
                          for layer, by_row in sorted(picks.items())}
     return metrics, predictions, routing
 
@@ -618,15 +594,11 @@ def write_predictions(path, name, rows, preds):
     os.replace(path + ".tmp", path)
 
 
-# -----------------------------------------------------------------------------
-# The recipe's five steps, in the order main() takes them
-class Run(argparse.Namespace):
-    """What the steps hand on: args, names (the tasks), out (the output folder), method, mept_config and saved
-    (run_config.json of --checkpoint, or of last/ when resuming); then data (task -> split -> rows; the splits:
-    train, dev, the slice of train that chooses the epoch, report, test) and encoded (its Groups); then model,
-    family, run_config (what best/ and last/ record), pad_id, device, autocast; at last the loop's counters."""
-
-
+# ---- The recipe's five steps -------------------------------------------------------------------------------------
+# They hand on `run`: args, names (the tasks), heads, out (the output folder), method, mept_config, saved
+# (--checkpoint's or last/'s run_config.json); data (task -> split -> rows: train, dev (the slice of train that
+# chooses the epoch), report, test) and encoded (their Groups); model, family, run_config, pad_id, device,
+# autocast; trained (the loop's counters).
 def parse_args(argv):
     """Step 1: the flags, checked before anything on disk is touched; a bad one is a UserError."""
     args = build_parser().parse_args(argv)
@@ -636,7 +608,7 @@ def parse_args(argv):
     old = next((f for f in ("results.json", "log.jsonl", "best") if os.path.exists(os.path.join(out, f))), None)
     last = os.path.join(out, "last")
     for folder in (last, os.path.join(out, "best")) if args.resume else ():
-        write_atomically(folder)
+        write_atomically(folder)  # a save killed between its two renames left the good copy as .old
     for wrong, sentence in [  # (what is wrong, the sentence that says so)
             (any(n not in TASKS for n in names), f"unknown task {next((n for n in names if n not in TASKS), '')!r}; "
              f"choose from {', '.join(sorted(TASKS))} or a comma list of them"),
@@ -644,7 +616,6 @@ def parse_args(argv):
              f"then run --task {diagnostic} --eval_only --checkpoint <rte output_dir>/best"),
             (args.eval_only != bool(args.checkpoint), "--eval_only and --checkpoint DIR (a best/ folder) go together; "
              "to continue a run, use --resume"),
-            (args.resume and args.eval_only, "--resume and --eval_only exclude each other"),
             (args.checkpoint and not os.path.isfile(os.path.join(str(args.checkpoint), "run_config.json")),
              f"{args.checkpoint} is no checkpoint of this script (no run_config.json)"),
             (args.resume and not os.path.isfile(os.path.join(last, "trainer_state.pt")), f"nothing to resume: {last} "
@@ -658,25 +629,24 @@ def parse_args(argv):
              f"list of block indices, got {args.layers!r}")]:
         if wrong:
             raise UserError(sentence)
-    saved = None
+    saved, heads = None, sorted({TASKS[n].eval_as or n for n in names})
     if args.checkpoint or args.resume:
         with open(os.path.join(args.checkpoint or last, "run_config.json")) as f:
             saved = json.load(f)
-    untrained = [TASKS[n].eval_as or n for n in names if args.eval_only]
-    untrained = [n for n in untrained if n not in saved["tasks"]]
+    untrained = [h for h in heads if args.eval_only and h not in saved["tasks"]]
     if untrained:  # a T5 checkpoint has no head per task that would refuse
         raise UserError(f"checkpoint {args.checkpoint} was trained on {','.join(saved['tasks'])}, not on "
                         f"{untrained[0]}; evaluate it on the tasks it learned")
     # a resumed run must be the same run: every flag that shapes it as it was
-    free = {"data_dir", "output_dir", "overwrite_output_dir", "resume", "predict", "device", "precision",
-            "eval_batch_size", "max_eval_samples"} | ({"num_epochs"} if args.max_steps else set())
-    changed = next((k for k, v in vars(args).items() if args.resume and k not in free and saved["args"][k] != v), None)
+    free = {"data_dir", "output_dir", "overwrite_output_dir", "resume", "predict", "eval_batch_size",
+            "max_eval_samples"} | ({"num_epochs"} if args.max_steps else set())
+    changed = [k for k, v in vars(args).items() if args.resume and k not in free and saved["args"][k] != v]
     if changed:
-        raise UserError(f"--resume continues the run in {out}, which used --{changed} {saved['args'][changed]}, "
-                        f"not {vars(args)[changed]}; pass the same flags as that run")
+        raise UserError(f"--resume continues the run in {out}, which used --{changed[0]} {saved['args'][changed[0]]}"
+                        f", not {vars(args)[changed[0]]}; pass the same flags as that run")
     method = saved["method"] if args.eval_only else args.method
-    overrides = {k: getattr(args, k) for k in ("n_experts", "prompt_len", "top_k", "router_noise", "shared_expert",
-                                               "balance_coef", "init") if getattr(args, k) is not None}
+    fields = ("n_experts", "prompt_len", "top_k", "router_noise", "shared_expert", "balance_coef", "init")
+    overrides = {k: getattr(args, k) for k in fields if getattr(args, k) is not None}
     if args.layers:
         overrides["layers"] = None if args.layers == "all" else [int(x) for x in args.layers.split(",")]
     try:
@@ -687,41 +657,37 @@ def parse_args(argv):
     if args.max_length - prompt_len < 8:
         raise UserError(f"prompt_len {prompt_len} leaves no room within max_length {args.max_length}; lower "
                         "--prompt_len or raise --max_length")
-    return Run(args=args, names=names, out=out, method=method, mept_config=config, saved=saved, trained={})
+    return argparse.Namespace(args=args, names=names, heads=heads, out=out, method=method, mept_config=config,
+                              saved=saved, trained={})
 
 
 def load_data(run):
-    """Step 2: the rows of every split the protocol needs: train and its dev slice, the reported split
-    (validation; a diagnostic's own labelled file) and, for --predict, test."""
-    args, take = run.args, lambda rows, n: rows[:n] if n > 0 else rows  # noqa: E731
-    run.data = {name: {} for name in run.names}
-    for name, splits in run.data.items():
-        task = TASKS[name]
+    """Step 2: train and its dev slice, the reported split (a diagnostic's own labelled file), test (--predict)."""
+    args, run.data = run.args, {}
+    n_train, n_eval = args.max_train_samples or None, args.max_eval_samples or None  # rows[:None]: every row
+    for name in run.names:
+        task, splits = TASKS[name], {}
         if not task.eval_as and not args.eval_only:
             train_rows, dev = load_split(task, "train", args.data_dir), []
-            if args.dev_from_train > 0:  # a MultiRC question's answers stay together
-                key = lambda r: str(r["idx"]) if name != "multirc" else (r["idx"]["paragraph"], r["idx"]["question"])  # noqa: E731
-                train_rows, dev = split_off_dev(train_rows, args.dev_from_train, args.seed, key)
+            if args.dev_from_train > 0:
+                train_rows, dev = split_off_dev(name, train_rows, args.dev_from_train, args.seed)
             if not train_rows:
                 raise UserError(f"--dev_from_train {args.dev_from_train} leaves no {name} rows to train on (every "
                                 "row went to dev); lower it or use more training data")
-            splits.update(train=take(train_rows, args.max_train_samples), dev=take(dev, args.max_eval_samples))
-        report = load_split(task, "test" if task.eval_as else "validation", args.data_dir)
-        splits["report"] = take(report, args.max_eval_samples)
+            splits.update(train=train_rows[:n_train], dev=dev[:n_eval])
+        splits["report"] = load_split(task, "test" if task.eval_as else "validation", args.data_dir)[:n_eval]
         if args.predict:
-            splits["test"] = take(load_split(task, "test", args.data_dir), args.max_eval_samples)
+            splits["test"] = load_split(task, "test", args.data_dir)[:n_eval]
+        run.data[name] = splits
 
 
 def build(run):
     """Step 3: seed, device, backbone, MEPT (or not), heads; a checkpoint's weights. Every split encoded."""
     args = run.args
     set_seed(args.seed)
-    found = [d for d, ok in (("cuda", torch.cuda.is_available()), ("mps", torch.backends.mps.is_available()),
-                             ("cpu", True)) if ok]
-    if args.device not in found + ["auto"]:
-        raise UserError(f"--device {args.device} is not available here ({', '.join(found)} are); try --device auto")
-    run.device = torch.device(found[0] if args.device == "auto" else args.device)
-    bf16 = args.precision == "bf16" or args.precision == "auto" and found[0] == "cuda" and torch.cuda.is_bf16_supported()
+    on_cuda = torch.cuda.is_available()
+    run.device = torch.device("cuda" if on_cuda else "mps" if torch.backends.mps.is_available() else "cpu")
+    bf16 = on_cuda and torch.cuda.is_bf16_supported()  # bf16 autocast where the hardware has it
     run.autocast = lambda: torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=bf16)
     name = args.model or (run.saved["model"] if run.saved else "t5-base")
     backbone, tokenizer, run.family = load_backbone(name)
@@ -732,11 +698,11 @@ def build(run):
         raise UserError("--method head_only needs a task head, and a seq2seq backbone (T5) has none: it scores the "
                         "label words with its LM head; use an encoder or a decoder")
     run.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    heads = sorted({TASKS[n].eval_as or n for n in run.names})
     checkpoint = os.path.join(run.out, "last") if args.resume else args.checkpoint
-    run.model = build_model(backbone, run.family, run.method, run.mept_config, heads, args, checkpoint).to(run.device)
+    run.model = build_model(backbone, run.family, run.method, run.mept_config, run.heads, args, checkpoint)
+    run.model.to(run.device)
     run.mept_config = run.model.core.config if isinstance(run.model.core, mept.MEPT) else None
-    run.run_config = {"model": name, "family": run.family, "method": run.method, "tasks": run.names, "heads": heads,
+    run.run_config = {"model": name, "family": run.family, "method": run.method, "tasks": run.names, "heads": run.heads,
                       "mept": asdict(run.mept_config) if run.mept_config else None, "args": vars(args)}
     print(f"{name} ({run.family}) | method {run.method} | {mept.parameters_line(run.model)}", flush=True)
     budget = args.max_length - (run.mept_config.prompt_len if run.mept_config else 0)  # tokens beside the slots
@@ -745,43 +711,41 @@ def build(run):
 
 
 def train(run):
-    """Step 4, the loop: single-task batches in a seeded order across tasks, gradient accumulation and
-    clipping, AdamW (or Adafactor) with a learning rate per group (prompts and routers; heads; for finetune
-    the backbone), a linear warmup and decay. After every epoch (and the last step) an evaluation keeps best/
-    by the selection score (the dev slice of train) and saves last/ with all that --resume needs."""
+    """Step 4, the loop: single-task batches in a seeded order, AdamW (or Adafactor), a linear warmup and decay;
+    after every epoch an evaluation: best/ keeps the best score on the dev slice, last/ all that --resume needs."""
     args, model, groups = run.args, run.model, {n: run.encoded[n]["train"] for n in run.names}
 
     def epoch_batches(epoch):  # the order depends on (seed, epoch) alone, so that a resumed run replays it
-        batches = [(n, b) for n in run.names for b in make_batches(groups[n], args.batch_size, f"{args.seed}-{epoch}{n}")]
-        return random.Random(f"{args.seed}-{epoch}").sample(batches, len(batches))
+        seed = f"{args.seed}-{epoch}"
+        batches = [(n, b) for n in run.names for b in make_batches(groups[n], args.batch_size, seed + n)]
+        return random.Random(seed).sample(batches, len(batches))
 
     total = args.max_steps or math.ceil(len(epoch_batches(0)) / args.gradient_accumulation_steps) * args.num_epochs
-    prompt = lambda name: isinstance(model.core, mept.MEPT) and not name.startswith("backbone.")  # noqa: E731
-    trained = [(n, p) for n, p in model.core.named_parameters() if p.requires_grad]
-    param_groups = [dict(params=[p for n, p in trained if prompt(n)], lr=args.lr),
-                    dict(params=list(model.heads.parameters()), lr=args.head_lr),
-                    dict(params=[p for n, p in trained if not prompt(n)], lr=args.backbone_lr)]
-    param_groups = [g for g in param_groups if g["params"]]
+    # the core's trainable parameters are MEPT's prompts and routers, or (finetune) the whole backbone
+    core_lr = args.lr if isinstance(model.core, mept.MEPT) else args.backbone_lr
+    param_groups = [g for g in (dict(params=[p for p in model.core.parameters() if p.requires_grad], lr=core_lr),
+                                dict(params=list(model.heads.parameters()), lr=args.head_lr)) if g["params"]]
     optimizer = torch.optim.AdamW(param_groups, weight_decay=args.weight_decay) if args.optimizer == "adamw" else \
         Adafactor(param_groups, lr=args.lr, relative_step=False, scale_parameter=False, weight_decay=args.weight_decay)
     warmup = math.ceil(args.warmup_ratio * total)  # steps; then a linear decay to 0 at the last step
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min((s + 1) / (warmup + 1),
                                                                           (total - s) / max(1, total - warmup)))
-    state = dict(epoch=0, step=0, best_score=-math.inf, best_epoch=None, bad_evals=0, log_lines=0, elapsed=0.0)
-    log, kept = os.path.join(run.out, "log.jsonl"), []
-    if args.resume:  # the optimizer, the schedule, the random stream and the counters, as they were saved
+    state = dict(epoch=0, step=0, best_score=-math.inf, best_epoch=None, best_step=None, bad_evals=0, elapsed=0, log=[])
+    if args.resume:  # the optimizer, the schedule, the random stream, the counters and the log, as they were saved
         saved = torch.load(os.path.join(run.out, "last", "trainer_state.pt"), weights_only=False)
         optimizer.load_state_dict(saved["optimizer"])
         schedule.load_state_dict(saved["schedule"])
         torch.set_rng_state(saved["torch_rng"])
         state = saved["state"]
-        with open(log) as f:  # the evaluations logged after that checkpoint are forgotten
-            kept = f.readlines()[:state["log_lines"]]
-    for path in [] if args.resume else [os.path.join(run.out, f) for f in ("results.json", "best", "last")]:
-        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path) if os.path.isfile(path) else None  # anew
+    else:  # anew: nothing of an overwritten run survives
+        shutil.rmtree(os.path.join(run.out, "best"), ignore_errors=True)
+        shutil.rmtree(os.path.join(run.out, "last"), ignore_errors=True)
+        if os.path.isfile(os.path.join(run.out, "results.json")):
+            os.remove(os.path.join(run.out, "results.json"))
     os.makedirs(run.out, exist_ok=True)
-    with open(log, "w") as f:
-        f.writelines(kept)
+    log = os.path.join(run.out, "log.jsonl")
+    with open(log, "w") as f:  # a resumed run's log ends at its checkpoint
+        f.writelines(json.dumps(entry) + "\n" for entry in state["log"])
     clock, bar = time.time() - state["elapsed"], tqdm(total=total, initial=state["step"], disable=None)
     while state["step"] < total and not (args.patience and state["bad_evals"] >= args.patience):
         batches, losses = epoch_batches(state["epoch"]), []
@@ -810,34 +774,33 @@ def train(run):
         select = evaluate_split(run, "dev")[0] if args.dev_from_train > 0 else report  # the dev slice chooses
         score = sum(sum(m.values()) / len(m) for m in select.values()) / len(select)  # the leaderboard's task score
         improved = score > state["best_score"]
-        state.update(bad_evals=0 if improved else state["bad_evals"] + 1, log_lines=state["log_lines"] + 1,
-                     elapsed=time.time() - clock)
+        state.update(bad_evals=0 if improved else state["bad_evals"] + 1, elapsed=time.time() - clock)
         if improved:
             state.update(best_score=score, best_epoch=state["epoch"], best_step=state["step"])
             save_checkpoint(model, os.path.join(run.out, "best"), run.run_config)
         entry = {"epoch": state["epoch"], "step": state["step"], "loss": sum(losses) / len(losses), "metrics": report,
                  "lr": schedule.get_last_lr()[0], "dev_metrics": select, "elapsed": round(state["elapsed"], 2),
                  "routing": routing}
+        state["log"].append(entry)
         with open(log, "a") as f:
             f.write(json.dumps(entry) + "\n")
+        scores = " | ".join(f"{n} {show(m)}" for n, m in report.items())
         tqdm.write(f"epoch {entry['epoch']} | step {entry['step']} | loss {entry['loss']:.4f} | lr {entry['lr']:.2e} | "
-                   + " | ".join(f"{n} {show(m)}" for n, m in report.items()) + " | best" * improved
-                   + f" | {entry['elapsed']:.0f}s")
+                   f"{scores}{' | best' if improved else ''} | {entry['elapsed']:.0f}s")
         save_checkpoint(model, os.path.join(run.out, "last"), run.run_config, trainer_state={
             "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "torch_rng": torch.get_rng_state(),
             "state": state})
     bar.close()
-    run.trained = {"best_epoch": state["best_epoch"], "best_step": state.get("best_step"), "steps": state["step"]}
+    run.trained = {"best_epoch": state["best_epoch"], "best_step": state["best_step"], "steps": state["step"]}
 
 
 def report(run, started):
-    """Step 5: best/ reloaded (which proves that it round-trips), its official metrics on the reported split,
-    test predictions for --predict, results.json; the last line printed is the number to quote."""
+    """Step 5: best/ reloaded (proof that it round-trips) and scored; predictions, results.json, the final line."""
     args, core = run.args, run.model.core
     if not args.eval_only:  # the numbers come from best/
         core = core.remove() if isinstance(core, mept.MEPT) else core
-        run.model = build_model(core, run.family, run.method, None, run.run_config["heads"], args,
-                                os.path.join(run.out, "best")).to(run.device)
+        best = os.path.join(run.out, "best")
+        run.model = build_model(core, run.family, run.method, None, run.heads, args, best).to(run.device)
     metrics, preds, routing = evaluate_split(run, "report")
     results = {**run.run_config, **run.trained, "metrics": metrics, "routing": routing,
                "versions": {p: version(p) for p in ("torch", "transformers", "datasets", "tqdm")},
@@ -857,10 +820,11 @@ def report(run, started):
         json.dump(results, f, indent=2, default=str)
     os.replace(os.path.join(run.out, "results.json.tmp"), os.path.join(run.out, "results.json"))
     for n, blocks in [(n, list(b.values())) for n, b in routing.items() if b]:  # the routing's health, per task
+        entropies = [b["load_entropy"] for b in blocks]
         print(f"routing | {n} | {sum(b['top_share'] > 0.9 for b in blocks)} of {len(blocks)} blocks collapsed (top "
-              f"expert > 90%) | load entropy {min(b['load_entropy'] for b in blocks):.2f}-"
-              f"{max(b['load_entropy'] for b in blocks):.2f} of {math.log2(run.mept_config.n_experts):.2f} bits | "
-              f"expert-label MI up to {max(b.get('mutual_information', 0) for b in blocks):.3f} bits")
+              f"expert > 90%) | load entropy {min(entropies):.2f}-{max(entropies):.2f} of "
+              f"{math.log2(run.mept_config.n_experts):.2f} bits | expert-label MI up to "
+              f"{max(b.get('mutual_information', 0) for b in blocks):.3f} bits")
     chosen = f"checkpoint {args.checkpoint}" if args.eval_only else \
         f"best epoch {results['best_epoch']} (selected on {results['selected_on']})"
     shown = " | ".join(f"{n} {results['report_split']} {show(m)}" for n, m in metrics.items())
@@ -868,10 +832,8 @@ def report(run, started):
     return results
 
 
-# -----------------------------------------------------------------------------
-# main: the recipe
+# ---- main: the recipe --------------------------------------------------------------------------------------------
 def main(argv=None):
-    """Check the flags, load the data, build the model, train it, evaluate and report."""
     started = time.time()
     run = parse_args(argv)  # 1. a bad flag stops here, before anything on disk is touched
     load_data(run)  # 2. the rows of train, its dev slice, validation (and test, for --predict)
