@@ -636,3 +636,41 @@ def test_an_interrupted_save_never_replaces_a_good_checkpoint(tmp_path):
     os.rename(good, str(good) + ".old")  # a kill between the two renames
     train.write_atomically(str(good))
     assert (good / "weights").read_text() == "good", "the next run puts the good copy back"
+
+
+def test_two_processes_under_torchrun_train_as_one_and_only_rank_0_writes(tmp_path, data_dir):
+    """torchrun --nproc_per_node 2 (gloo, on the CPU): each process takes half of every batch and DDP averages
+    the gradients, so with dropout and router noise off the trainable weights end as one process's do, and so
+    do the metrics. Only rank 0 writes; nothing half-written is left behind."""
+    from transformers import BertConfig, BertModel
+
+    tokenizer, vocab_size = tiny_tokenizer("encoder")
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=64, max_position_embeddings=128, initializer_range=0.2,
+                                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    folder = str(tmp_path / "bert")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    flags = ["--task", "cb", "--model", folder, "--data_dir", data_dir, "--max_length", "64", "--prompt_len", "3",
+             "--batch_size", "2", "--num_epochs", "2", "--dev_from_train", "0", "--router_noise", "0",
+             "--head_dropout", "0"]
+    env = {**os.environ, "PYTHONPATH": HERE, "OMP_NUM_THREADS": "1"}
+    for processes, out in ((1, "one"), (2, "two")):
+        launch = [sys.executable] if processes == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                          "--nproc_per_node", "2"]
+        proc = subprocess.run([*launch, os.path.join(HERE, "train.py"), *flags, "--output_dir", str(tmp_path / out)],
+                              capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(os.listdir(tmp_path / "two")) == ["best", "last", "log.jsonl", "results.json"], "only rank 0 writes"
+    for name in ("mept_model.safetensors", "head.safetensors"):
+        one, two = (load_file(str(tmp_path / out / "last" / name)) for out in ("one", "two"))
+        for key in one:
+            torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=1e-4, msg=f"{name}:{key} differs")
+    results = [json.load(open(tmp_path / out / "results.json")) for out in ("one", "two")]
+    assert results[0]["metrics"] == results[1]["metrics"] and results[0]["steps"] == results[1]["steps"]
+    losses = [[e["loss"] for e in read_log(str(tmp_path / out))] for out in ("one", "two")]
+    assert losses[0] != losses[1], "rank 0 logs the loss of its half of the batches: the batches were split"
+    uneven = subprocess.run([*launch, os.path.join(HERE, "train.py"), *flags, "--batch_size", "3", "--output_dir",
+                             str(tmp_path / "uneven")], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert uneven.returncode != 0 and "error: a batch of 3 rows does not divide among 2 processes" in uneven.stderr

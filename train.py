@@ -686,7 +686,13 @@ def build(run):
     args = run.args
     set_seed(args.seed)
     on_cuda = torch.cuda.is_available()
-    run.device = torch.device("cuda" if on_cuda else "mps" if torch.backends.mps.is_available() else "cpu")
+    # under torchrun: one process per device, rank 0 the one that writes; plain python: one process, rank 0
+    run.rank, run.world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    if run.world > 1:
+        torch.distributed.init_process_group("nccl" if on_cuda else "gloo")
+    if on_cuda:
+        torch.cuda.set_device(local)
+    run.device = torch.device(f"cuda:{local}" if on_cuda else "mps" if torch.backends.mps.is_available() else "cpu")
     bf16 = on_cuda and torch.cuda.is_bf16_supported()  # bf16 autocast where the hardware has it
     run.autocast = lambda: torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=bf16)
     name = args.model or (run.saved["model"] if run.saved else "t5-base")
@@ -704,7 +710,8 @@ def build(run):
     run.mept_config = run.model.core.config if isinstance(run.model.core, mept.MEPT) else None
     run.run_config = {"model": name, "family": run.family, "method": run.method, "tasks": run.names, "heads": run.heads,
                       "mept": asdict(run.mept_config) if run.mept_config else None, "args": vars(args)}
-    print(f"{name} ({run.family}) | method {run.method} | {mept.parameters_line(run.model)}", flush=True)
+    if run.rank == 0:
+        print(f"{name} ({run.family}) | method {run.method} | {mept.parameters_line(run.model)}", flush=True)
     budget = args.max_length - (run.mept_config.prompt_len if run.mept_config else 0)  # tokens beside the slots
     run.encoded = {n: {split: encode_rows(n, rows, run.family, tokenizer, budget, training=split == "train")
                        for split, rows in splits.items()} for n, splits in run.data.items()}
@@ -721,6 +728,13 @@ def train(run):
         return random.Random(seed).sample(batches, len(batches))
 
     total = args.max_steps or math.ceil(len(epoch_batches(0)) / args.gradient_accumulation_steps) * args.num_epochs
+    # under torchrun every process takes its share of each batch, and DDP averages the trainable weights' gradients
+    # over the processes: the gradient of the whole batch, as one process would compute it
+    uneven = [len(b) for _, b in epoch_batches(0) if len(b) % run.world]
+    if uneven:
+        raise UserError(f"a batch of {uneven[0]} rows does not divide among {run.world} processes; pick --batch_size "
+                        "and --max_train_samples so that every batch does (the last holds the rows left over)")
+    net = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if run.world > 1 else model
     # the core's trainable parameters are MEPT's prompts and routers, or (finetune) the whole backbone
     core_lr = args.lr if isinstance(model.core, mept.MEPT) else args.backbone_lr
     param_groups = [g for g in (dict(params=[p for p in model.core.parameters() if p.requires_grad], lr=core_lr),
@@ -737,24 +751,25 @@ def train(run):
         schedule.load_state_dict(saved["schedule"])
         torch.set_rng_state(saved["torch_rng"])
         state = saved["state"]
-    else:  # anew: nothing of an overwritten run survives
-        shutil.rmtree(os.path.join(run.out, "best"), ignore_errors=True)
-        shutil.rmtree(os.path.join(run.out, "last"), ignore_errors=True)
-        if os.path.isfile(os.path.join(run.out, "results.json")):
-            os.remove(os.path.join(run.out, "results.json"))
-    os.makedirs(run.out, exist_ok=True)
     log = os.path.join(run.out, "log.jsonl")
-    with open(log, "w") as f:  # a resumed run's log ends at its checkpoint
-        f.writelines(json.dumps(entry) + "\n" for entry in state["log"])
-    clock, bar = time.time() - state["elapsed"], tqdm(total=total, initial=state["step"], disable=None)
+    if run.rank == 0:  # only rank 0 touches the disk
+        if not args.resume:  # anew: nothing of an overwritten run survives
+            shutil.rmtree(os.path.join(run.out, "best"), ignore_errors=True)
+            shutil.rmtree(os.path.join(run.out, "last"), ignore_errors=True)
+            if os.path.isfile(os.path.join(run.out, "results.json")):
+                os.remove(os.path.join(run.out, "results.json"))
+        os.makedirs(run.out, exist_ok=True)
+        with open(log, "w") as f:  # a resumed run's log ends at its checkpoint
+            f.writelines(json.dumps(entry) + "\n" for entry in state["log"])
+    clock, bar = time.time() - state["elapsed"], tqdm(total=total, initial=state["step"], disable=run.rank or None)
     while state["step"] < total and not (args.patience and state["bad_evals"] >= args.patience):
         batches, losses = epoch_batches(state["epoch"]), []
         model.train()
         for i, (name, indices) in enumerate(batches):
-            batch_groups = [groups[name][j] for j in indices]
+            batch_groups = [groups[name][j] for j in indices[run.rank::run.world]]  # this process's share
             with run.autocast():
                 batch = collate(batch_groups, run.pad_id, run.device)
-                loss = group_loss_and_predictions(model, batch, batch_groups, name)[0]
+                loss = group_loss_and_predictions(net, batch, batch_groups, name)[0]
                 loss = loss + getattr(model.core, "aux_loss", 0.0)  # MEPT's balance term (0 unless asked for)
             (loss / args.gradient_accumulation_steps).backward()
             losses.append(loss.item())
@@ -772,24 +787,28 @@ def train(run):
         state["epoch"] += 1
         report, _, routing = evaluate_split(run, "report")
         select = evaluate_split(run, "dev")[0] if args.dev_from_train > 0 else report  # the dev slice chooses
-        score = sum(sum(m.values()) / len(m) for m in select.values()) / len(select)  # the leaderboard's task score
-        improved = score > state["best_score"]
+        score = [sum(sum(m.values()) / len(m) for m in select.values()) / len(select)]  # the leaderboard's task score
+        if run.world > 1:  # every process evaluated alike; rank 0's score decides, so that all stop together
+            torch.distributed.broadcast_object_list(score, src=0)
+        improved = score[0] > state["best_score"]
         state.update(bad_evals=0 if improved else state["bad_evals"] + 1, elapsed=time.time() - clock)
         if improved:
-            state.update(best_score=score, best_epoch=state["epoch"], best_step=state["step"])
-            save_checkpoint(model, os.path.join(run.out, "best"), run.run_config)
+            state.update(best_score=score[0], best_epoch=state["epoch"], best_step=state["step"])
         entry = {"epoch": state["epoch"], "step": state["step"], "loss": sum(losses) / len(losses), "metrics": report,
                  "lr": schedule.get_last_lr()[0], "dev_metrics": select, "elapsed": round(state["elapsed"], 2),
-                 "routing": routing}
+                 "routing": routing}  # under torchrun the loss is rank 0's share of the batches
         state["log"].append(entry)
-        with open(log, "a") as f:
-            f.write(json.dumps(entry) + "\n")
-        scores = " | ".join(f"{n} {show(m)}" for n, m in report.items())
-        tqdm.write(f"epoch {entry['epoch']} | step {entry['step']} | loss {entry['loss']:.4f} | lr {entry['lr']:.2e} | "
-                   f"{scores}{' | best' if improved else ''} | {entry['elapsed']:.0f}s")
-        save_checkpoint(model, os.path.join(run.out, "last"), run.run_config, trainer_state={
-            "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "torch_rng": torch.get_rng_state(),
-            "state": state})
+        if run.rank == 0:
+            if improved:
+                save_checkpoint(model, os.path.join(run.out, "best"), run.run_config)
+            with open(log, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+            scores = " | ".join(f"{n} {show(m)}" for n, m in report.items())
+            tqdm.write(f"epoch {entry['epoch']} | step {entry['step']} | loss {entry['loss']:.4f} | lr {entry['lr']:.2e}"
+                       f" | {scores}{' | best' if improved else ''} | {entry['elapsed']:.0f}s")
+            save_checkpoint(model, os.path.join(run.out, "last"), run.run_config, trainer_state={
+                "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                "torch_rng": torch.get_rng_state(), "state": state})
     bar.close()
     run.trained = {"best_epoch": state["best_epoch"], "best_step": state["best_step"], "steps": state["step"]}
 
@@ -797,6 +816,9 @@ def train(run):
 def report(run, started):
     """Step 5: best/ reloaded (proof that it round-trips) and scored; predictions, results.json, the final line."""
     args, core = run.args, run.model.core
+    if run.world > 1:  # when rank 0 has written best/, the processes need each other no more
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     if not args.eval_only:  # the numbers come from best/
         core = core.remove() if isinstance(core, mept.MEPT) else core
         best = os.path.join(run.out, "best")
@@ -813,6 +835,8 @@ def report(run, started):
                              for n, p in preds.items() if TASKS[n].label_names and not TASKS[n].choose},
                "prompt_params": run.model.core.prompt_param_counts() if run.mept_config else None,
                "wall_time_seconds": round(time.time() - started, 1)}
+    if run.rank > 0:  # every process has the metrics; rank 0 alone writes them
+        return results
     os.makedirs(run.out, exist_ok=True)
     for n, p in evaluate_split(run, "test")[1].items() if args.predict else []:  # the leaderboard's files
         write_predictions(os.path.join(run.out, f"{TASKS[n].folder}.jsonl"), n, run.data[n]["test"], p)
