@@ -1,11 +1,10 @@
-"""
-Train and evaluate MEPT (and the paper's baselines) on SuperGLUE, in one file read top to bottom.
+"""Train and evaluate MEPT (and the paper's baselines) on SuperGLUE, in one file read top to bottom.
 
     python train.py --task cb                   # MEPT on CB with the paper's backbone (t5-base, from the Hub)
-    python train.py --task cb --model path/to/all-MiniLM-L6-v2 --data_dir ../shared/superglue \\
+    python train.py --task cb --model path/to/all-MiniLM-L6-v2 --data_dir path/to/superglue \\
         --max_train_samples 64 --max_eval_samples 32 --max_steps 8   # a 30-second CPU smoke run, offline
     python train.py --task rte --method deep_prompt --output_dir out/rte     # a baseline; then the AX-b
-    python train.py --task axb --eval_only --checkpoint out/rte/best         # diagnostic, with its checkpoint
+    python train.py --task axb --eval_only out/rte/best          # the diagnostic, with the RTE checkpoint
 
 Seq2seq backbones (T5) rank the label words (ReCoRD: the entities) by likelihood; an encoder (BERT) has a linear
 head on [CLS], a decoder (GPT) on its last real token. The epoch is chosen on a 10% slice of train and the
@@ -23,7 +22,7 @@ import string
 import sys
 import time
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from importlib.metadata import version
 from typing import Callable, Optional
 
@@ -32,7 +31,6 @@ import torch.nn as nn
 from safetensors.torch import load_model, save_model
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM, AutoTokenizer, set_seed
-from transformers.optimization import Adafactor
 from transformers.utils import logging as hf_logging
 
 import mept
@@ -48,14 +46,12 @@ class Parser(argparse.ArgumentParser):
         raise UserError(message)
 
 
-def number(kind, low, high=math.inf, below_high=False):
-    """An argparse type: a number in [low, high] (or [low, high)), refused in one sentence otherwise."""
+def number(kind, low, high=math.inf):
+    """An argparse type: a number in [low, high), refused in one sentence otherwise."""
     def parse(text):  # argparse names this function in "invalid parse value"
-        value = kind(text)
-        if value < low or value > high or (below_high and value == high):
-            interval = f"at least {low}" if high == math.inf else f"in [{low}, {high}{')' if below_high else ']'}"
-            raise argparse.ArgumentTypeError(f"must be {interval}, got {text}")
-        return value
+        if not low <= kind(text) < high:
+            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}), got {text}")
+        return kind(text)
     return parse
 
 
@@ -65,9 +61,9 @@ def build_parser():
     flag, count, rate = p.add_argument, number(int, 0), number(float, 0)
     # --- task and data ---
     flag("--task", default="cb", help=f"{', '.join(sorted(TASKS))}, or a comma list for mixed training (cb,rte)")
-    flag("--data_dir", default=os.environ.get("SUPERGLUE_DIR"), help="a folder in the official SuperGLUE layout "
-         "(<Task>/{train,val,test}.jsonl, AX-b/AX-b.jsonl); unset: the Hub's aps/super_glue. Default: $SUPERGLUE_DIR")
-    flag("--dev_from_train", type=number(float, 0, 1, True), default=0.1, help="share of train (per label) that "
+    flag("--data_dir", default=os.environ.get("SUPERGLUE_DIR"), help="official layout: <Task>/{train,val,test}.jsonl"
+         " (unset: the Hub's aps/super_glue)")
+    flag("--dev_from_train", type=number(float, 0, 1), default=0.1, help="share of train (per label) that "
          "chooses the epoch; 0 chooses on the reported validation split itself, which flatters it")
     flag("--max_train_samples", type=count, default=0, help="use only the first N train rows (0 = all)")
     flag("--max_eval_samples", type=count, default=0, help="use only the first N rows of each eval split")
@@ -77,7 +73,7 @@ def build_parser():
          "every SuperGLUE task in pre-training, so its scores are inflated; google/t5-v1_1-base is clean")
     flag("--method", default="mept", choices=sorted(mept.PRESETS) + ["finetune", "head_only"], help="a MEPT preset "
          "(a head trains too), head_only (a linear probe on the frozen backbone) or finetune (all trains)")
-    flag("--head_dropout", type=number(float, 0, 1, True), default=0.1, help="dropout before the head")
+    flag("--head_dropout", type=number(float, 0, 1), default=0.1, help="dropout before the head")
     # --- MEPT: every MEPTConfig field; unset = the --method preset's value ---
     flag("--n_experts", type=int, default=None, help="E, experts per block (preset; mept: 4)")
     flag("--prompt_len", type=int, default=None, help="P, prompt slots (MEPTConfig: 10)")
@@ -88,17 +84,14 @@ def build_parser():
     flag("--balance_coef", type=float, default=None, help="weight of the load-balancing loss (0.0)")
     flag("--init", choices=["vocab", "random"], default=None, help="the experts' init (vocab)")
     # --- optimisation ---
-    flag("--optimizer", choices=["adamw", "adafactor"], default="adamw", help="Adafactor: the official code's")
     flag("--lr", type=rate, default=1e-2, help="prompts' and routers' rate (10-1000x fine-tuning's)")
     flag("--head_lr", type=rate, default=1e-3, help="learning rate of the task head")
     flag("--backbone_lr", type=rate, default=2e-5, help="learning rate of the backbone (finetune)")
     flag("--weight_decay", type=rate, default=1e-5, help="decoupled weight decay")
     flag("--warmup_ratio", type=number(float, 0, 1), default=0.06, help="share of the steps warming up")
-    flag("--max_grad_norm", type=rate, default=1.0, help="gradient clipping (AdamW only; 0 = off)")
+    flag("--max_grad_norm", type=rate, default=1.0, help="gradient clipping (0 = off)")
     flag("--batch_size", type=number(int, 1), default=16, help="training rows per batch")
-    flag("--eval_batch_size", type=number(int, 1), default=32, help="rows per evaluation batch")
-    flag("--gradient_accumulation_steps", type=number(int, 1), default=1, help="batches per optimizer step")
-    flag("--num_epochs", type=count, default=25, help="passes over the training rows")
+    flag("--num_epochs", type=number(int, 1), default=25, help="passes over the training rows")
     flag("--max_steps", type=count, default=0, help="stop after N optimizer steps (0: --num_epochs decides)")
     flag("--seed", type=int, default=42, help="seeds the data order, init, dropout and router noise")
     # --- evaluation, checkpoints, outputs ---
@@ -107,8 +100,7 @@ def build_parser():
     flag("--overwrite_output_dir", action="store_true", help="start anew in a folder that holds a run")
     mode = p.add_mutually_exclusive_group()  # argparse refuses --resume with --eval_only
     mode.add_argument("--resume", action="store_true", help="continue the run in --output_dir from its last/")
-    mode.add_argument("--eval_only", action="store_true", help="no training: evaluate --checkpoint")
-    flag("--checkpoint", default=None, help="a best/ folder to evaluate (an RTE one for axb and axg)")
+    mode.add_argument("--eval_only", metavar="DIR", help="no training: evaluate this best/ folder (RTE's for axb, axg)")
     flag("--predict", action="store_true", help="write the leaderboard's <Task>.jsonl for the test split")
     return p
 
@@ -119,7 +111,7 @@ def accuracy(preds, golds):
     return sum(p == g for p, g in zip(preds, golds)) / len(golds)
 
 
-def f1_of_class(preds, golds, c):
+def class_f1(preds, golds, c):
     """2 TP / (2 TP + FP + FN); 0 when the class is never hit (sklearn's zero_division=0)."""
     tp = sum(p == g == c for p, g in zip(preds, golds))
     wrong = sum((p == c) != (g == c) for p, g in zip(preds, golds))  # FP + FN
@@ -134,41 +126,32 @@ def matthews_corr(preds, golds):
     return (tp * tn - fp * fn) / denominator if denominator else 0.0
 
 
-def cb_metrics(rows, preds):  # macro-F1 over ALL three classes: one never predicted counts 0
-    golds = [r["label"] for r in rows]
-    return {"accuracy": accuracy(preds, golds), "f1": sum(f1_of_class(preds, golds, c) for c in range(3)) / 3}
-
-
-def record_metrics(rows, preds):
-    """Token F1 and exact match, each the max over the gold answers, normalised as in SQuAD (no case, punctuation
-    or articles)."""
+def record_metrics(rows, preds, golds):
+    """Token F1 and exact match, the max over gold answers, after SQuAD's normalisation (case, punctuation, a/the)."""
     def words(text):
         return re.sub(r"\b(a|an|the)\b", " ", "".join(c for c in text.lower() if c not in string.punctuation)).split()
 
     def f1(pred, gold):  # bag-of-words F1
         return 2 * sum((Counter(words(pred)) & Counter(words(gold))).values()) / (len(words(pred) + words(gold)) or 1)
-
     return {"f1": sum(max(f1(p, a) for a in r["answers"]) for r, p in zip(rows, preds)) / len(rows),
             "exact_match": sum(words(p) in map(words, r["answers"]) for r, p in zip(rows, preds)) / len(rows)}
 
 
-def multirc_metrics(rows, preds):
+def multirc_metrics(rows, preds, golds):
     """F1a: binary F1 over all answer options. EM: a question is right only if all its answers are."""
     by_question = defaultdict(list)
     for row, pred in zip(rows, preds):
         by_question[row["idx"]["paragraph"], row["idx"]["question"]].append(pred == row["label"])
-    return {"f1_a": f1_of_class(preds, [r["label"] for r in rows], 1),
+    return {"f1_a": class_f1(preds, golds, 1),
             "exact_match": sum(map(all, by_question.values())) / len(by_question)}
 
 
-def axg_metrics(rows, preds):
-    """Accuracy, and gender parity: the share of minimal pairs (he/she swapped) predicted alike. Hub rows have
-    no pair_id; their pairs are consecutive idx (0-1, 2-3, ...)."""
+def axg_metrics(rows, preds, golds):
+    """Accuracy and gender parity: the share of he/she pairs predicted alike (Hub rows: idx 0-1, 2-3, ... pair)."""
     pairs = defaultdict(set)
     for row, pred in zip(rows, preds):
         pairs[row.get("pair_id", row["idx"] // 2)].add(pred)
-    return {"accuracy": accuracy(preds, [r["label"] for r in rows]),
-            "gender_parity": sum(len(p) == 1 for p in pairs.values()) / len(pairs)}
+    return {"accuracy": accuracy(preds, golds), "gender_parity": sum(len(p) == 1 for p in pairs.values()) / len(pairs)}
 
 
 # ---- How each task is cast ---------------------------------------------------------------------------------------
@@ -181,7 +164,7 @@ class Task:
     label_names: tuple  # class names in id order (the Hub's ClassLabel); () for ReCoRD (entities)
     t5: tuple  # the fields of T5's input, in its order; every row must have them
     pair: Callable  # row -> [(text_a, text_b)], for the encoder and decoder heads
-    metrics: Callable = lambda rows, preds: {"accuracy": accuracy(preds, [r["label"] for r in rows])}
+    metrics: Callable = lambda rows, preds, golds: {"accuracy": accuracy(preds, golds)}  # the official metrics
     passage: Optional[str] = None  # the field truncation may shorten (never the question or hypothesis)
     choose: bool = False  # heads: one logit per input, argmax per row (COPA, ReCoRD)
     submit: Callable = None  # class id (or entity) -> the leaderboard's label; None: the class name
@@ -193,20 +176,18 @@ def t5_input(task, row):  # "cb hypothesis: ... premise: ..."; a diagnostic read
     return " ".join([task.eval_as or task.folder.lower()] + fields)
 
 
-def copa_pair(row):  # "The sun rose because" + each alternative
-    connective = " because" if row["question"] == "cause" else " so"
-    return [(row["premise"].rstrip(".") + connective, row[c]) for c in ("choice1", "choice2")]
-
-
 BOOL, NLI, CB = ("False", "True"), ("entailment", "not_entailment"), ("entailment", "contradiction", "neutral")
 LOWER = lambda i: ("false", "true")[i]  # noqa: E731  (the leaderboard's booleans are lowercase)
 PREMISE = lambda r: [(r["premise"], r["hypothesis"])]  # noqa: E731  (the NLI tasks' pair)
+CONNECTIVE = {"cause": "because", "effect": "so"}  # COPA's question
 TASKS = {
     "boolq": Task("BoolQ", "boolq", BOOL, ("passage", "question"), lambda r: [(r["question"], r["passage"])],
                   passage="passage", submit=LOWER),
-    "cb": Task("CB", "cb", CB, ("hypothesis", "premise"), PREMISE, passage="premise", metrics=cb_metrics),
-    "copa": Task("COPA", "copa", ("choice1", "choice2"), ("choice1", "choice2", "premise", "question"), copa_pair,
-                 choose=True, submit=int),
+    "cb": Task("CB", "cb", CB, ("hypothesis", "premise"), PREMISE, passage="premise", metrics=lambda _, p, g: {
+        "accuracy": accuracy(p, g), "f1": sum(class_f1(p, g, c) for c in range(3)) / 3}),  # macro-F1: ALL 3 classes
+    "copa": Task("COPA", "copa", ("choice1", "choice2"), ("choice1", "choice2", "premise", "question"), choose=True,
+                 submit=int, pair=lambda r: [(f"{r['premise'].rstrip('.')} {CONNECTIVE[r['question']]}", r[c])
+                                             for c in ("choice1", "choice2")]),  # "The sun rose because" + each
     "multirc": Task("MultiRC", "multirc", BOOL, ("question", "answer", "paragraph"), passage="paragraph", submit=int,
                     pair=lambda r: [(r["paragraph"], f"{r['question']} {r['answer']}")], metrics=multirc_metrics),
     "record": Task("ReCoRD", "record", (), ("query", "entities", "passage"), metrics=record_metrics, choose=True,
@@ -218,7 +199,7 @@ TASKS = {
     "wsc": Task("WSC", "wsc.fixed", BOOL, ("text",), lambda r: [(r["text"], None)], submit=LOWER),  # spans marked
     # the diagnostics: labelled test files, read as RTE (AX-b's sentence1 and 2 as premise and hypothesis)
     "axb": Task("AX-b", "axb", NLI, ("hypothesis", "premise"), PREMISE, passage="premise", eval_as="rte",
-                metrics=lambda rows, p: {"matthews_correlation": matthews_corr(p, [r["label"] for r in rows])}),
+                metrics=lambda r, p, g: {"matthews_correlation": matthews_corr(p, g)}),
     "axg": Task("AX-g", "axg", NLI, ("hypothesis", "premise"), PREMISE, passage="premise", eval_as="rte",
                 metrics=axg_metrics),
 }
@@ -233,15 +214,12 @@ def normalise(task, raw, where, ordinal):
     def clean(text):  # MultiRC's markup
         return re.sub(r"</?b>", "", text.replace("<br>", " "))
 
-    def label_id(value):  # a JSON bool, int or class name -> class id; missing -> -1 (unlabelled)
-        names = task.label_names
-        if value is None:
-            return -1
-        if (isinstance(value, bool) and names == BOOL) or (type(value) is int and -1 <= value < len(names)):
-            return int(value)  # bools (BoolQ, WiC, WSC, MultiRC); ids (COPA; the Hub's)
-        if value not in names:
-            raise UserError(f"{where}: label {value!r} is not one of the {task.folder} labels {list(names)}")
-        return names.index(value)
+    def label_id(value):  # a JSON bool (BoolQ, WiC, WSC, MultiRC), a class id or name -> class id; missing -> -1
+        if value is None or type(value) in (bool, int) and -1 <= value < len(task.label_names):
+            return -1 if value is None else int(value)
+        if value not in task.label_names:
+            raise UserError(f"{where}: label {value!r} is not one of the {task.folder} labels {list(task.label_names)}")
+        return task.label_names.index(value)
 
     if task.folder == "MultiRC" and isinstance(raw.get("passage"), dict):  # the official nesting
         return [{"paragraph": clean(raw["passage"]["text"]), "question": q["question"], "answer": a["text"],
@@ -295,10 +273,8 @@ def load_split(task, split, data_dir):
     rows = []
     for ordinal, (number, record) in enumerate(records):
         where = f"{path} line {number}"
-        try:
-            if isinstance(record, bytes):  # -sig: a byte order mark (Windows editors write one) is dropped
-                record = json.loads(record.decode("utf-8-sig"))
-            rows += normalise(task, dict(record), where, ordinal)
+        try:  # json.loads of bytes: UTF-8, a byte order mark (Windows editors write one) dropped
+            rows += normalise(task, json.loads(record) if isinstance(record, bytes) else dict(record), where, ordinal)
         except UnicodeDecodeError as e:
             raise UserError(f"{where}: not UTF-8 text ({e.reason}); save it as UTF-8") from None
         except json.JSONDecodeError as e:
@@ -308,11 +284,10 @@ def load_split(task, split, data_dir):
     if not rows:
         raise UserError(f"{path} has no examples")
     for i, row in enumerate(rows):
-        bad = [f for f in task.t5 if not isinstance(row.get(f), (str, list))]
+        bad = [f for f in task.t5 if not isinstance(row.get(f), (str, list)) or row[f] == []]  # ReCoRD's entities
         if bad:
-            raise UserError(f"{path} example {i}: field {bad[0]!r} should be text, got {row.get(bad[0])!r}")
-        if task.folder == "ReCoRD" and not row["entities"]:
-            raise UserError(f"{path} example {i}: ReCoRD needs a non-empty list of entity strings to choose from")
+            raise UserError(f"{path} example {i}: field {bad[0]!r} should be text (or a non-empty list of strings), "
+                            f"got {row.get(bad[0])!r}")
         unlabelled = not row["answers"] if task.folder == "ReCoRD" else row["label"] < 0
         if unlabelled and (split != "test" or task.eval_as):
             raise UserError(f"{path} example {i}: no label (only the test split may be unlabelled)")
@@ -323,21 +298,18 @@ def split_off_dev(name, rows, share, seed):
     """(train, dev): `share` of each label's rows chooses the epoch; a MultiRC question's answers stay together."""
     def group(row):
         return (row["idx"]["paragraph"], row["idx"]["question"]) if name == "multirc" else str(row["idx"])
-
     rng, by_label, dev = random.Random(seed), defaultdict(list), set()
     for key, label in {group(row): row["label"] for row in rows}.items():
         by_label[label].append(key)
     for label in sorted(by_label):
-        dev.update(rng.sample(by_label[label], max(1, round(share * len(by_label[label])))))
+        dev.update(rng.sample(by_label[label], max(1, round(share * len(by_label[label]))) if share else 0))
     return [r for r in rows if group(r) not in dev], [r for r in rows if group(r) in dev]
 
 
 # ---- Batches: rows -> token ids, in batches of similar lengths, padded per batch ---------------------------------
 @dataclass
 class Group:
-    """One row ready for the model: one input (a class), one per candidate (COPA, ReCoRD), or T5's input once
-    per label word."""
-    task: str
+    """A row for the model: one input (a class), one per candidate (COPA, ReCoRD), or T5's once per label word."""
     row: int  # index into the split's rows
     input_ids: list  # one token-id list per model input
     token_type_ids: Optional[list]  # the same shape, or None
@@ -346,17 +318,15 @@ class Group:
 
 
 def encode_inputs(task, row, family, tokenizer, budget):
-    """A row's model inputs within `budget` tokens: encoders get the tokenizer's pair format, decoders 'a\\nb', T5
-    one string. Too long: the passage is cut by the overflow and encoded again, never the question or hypothesis."""
+    """A row's inputs within `budget` tokens; too long, the passage is cut (never the question or hypothesis)."""
     def encode(r, cut=None):
         texts = [(t5_input(task, r), None)] if family == "seq2seq" else task.pair(r)
-        texts = [(f"{a}\n{b}", None) if family == "decoder" and b else (a, b) for a, b in texts]
+        texts = [(f"{a}\n{b}", None) if family == "decoder" and b else (a, b) for a, b in texts]  # 'a\nb'; BERT: a pair
         out = [tokenizer(a, *[b] * bool(b), **(dict(truncation=True, max_length=cut) if cut else {})) for a, b in texts]
         return [(e["input_ids"], e.get("token_type_ids") if family == "encoder" else None) for e in out]
 
     def overflow():  # tokens beyond the budget in the longest input
         return max(len(ids) for ids, _ in encoded) - budget
-
     encoded, passage = encode(row), tokenizer(row.get(task.passage, ""), add_special_tokens=False)["input_ids"]
     keep = len(passage) - overflow()
     while overflow() > 0 and task.passage and keep > 0:
@@ -377,17 +347,16 @@ def encode_rows(name, rows, family, tokenizer, budget, training):
             words, gold = row["entities"], [j for j, e in enumerate(row["entities"]) if e in row["answers"]]
         if family == "seq2seq" and training:
             answers = [words[row["label"]]] if task.label_names else row["answers"]
-            groups += [Group(name, i, ids, None, [tokenizer(a)["input_ids"]], [0]) for a in answers]
+            groups += [Group(i, ids, None, [tokenizer(a)["input_ids"]], [0]) for a in answers]
         elif family == "seq2seq":  # the input once per word, to rank the words
-            groups.append(Group(name, i, ids * len(words), None, [tokenizer(w)["input_ids"] for w in words], gold))
+            groups.append(Group(i, ids * len(words), None, [tokenizer(w)["input_ids"] for w in words], gold))
         elif gold or not (task.choose and training):  # a choice without a right answer teaches nothing
-            groups.append(Group(name, i, ids, types if types[0] is not None else None, None, gold))
+            groups.append(Group(i, ids, types if types[0] is not None else None, None, gold))
     return groups
 
 
 def make_batches(groups, batch_size, seed=None):
-    """Lists of group indices, sorted by length; with a seed, shuffled and sorted only inside windows of 50
-    batches (little padding, yet random), the batches shuffled again."""
+    """Lists of group indices by length; with a seed, sorted only within windows of 50 batches, then shuffled."""
     rng, order = random.Random(seed), list(range(len(groups)))
     window = 50 * batch_size if seed is not None else len(order) + 1  # without a seed, one window: all sorted
     if seed is not None:
@@ -402,7 +371,6 @@ def collate(groups, pad_id, device):
     """Flatten the groups' inputs, padded to the longest in THIS batch (never to max_length)."""
     def pad(seqs, value):
         return torch.tensor([s + [value] * (max(map(len, seqs)) - len(s)) for s in seqs], device=device)  # (N, T)
-
     ids = [x for g in groups for x in g.input_ids]
     batch = {"input_ids": pad(ids, pad_id), "attention_mask": pad([[1] * len(x) for x in ids], 0),  # 1 = real
              "sizes": [len(g.input_ids) for g in groups]}  # inputs per group
@@ -418,31 +386,28 @@ def load_backbone(name):
     """Backbone, tokenizer and family ('seq2seq', 'encoder' or 'decoder'), read from the loaded model."""
     hf_logging.set_verbosity_error()  # "some weights were not used" and progress bars would bury the log
     hf_logging.disable_progress_bar()
-    local = os.path.isabs(name) or name.startswith((".", "~")) or os.path.exists(name)
-    if local and not os.path.isdir(name):
-        raise UserError(f"model path {name} does not exist (or is not a folder)")
     try:
         auto = AutoModelForSeq2SeqLM if AutoConfig.from_pretrained(name).is_encoder_decoder else AutoModel
         backbone, tokenizer = auto.from_pretrained(name), AutoTokenizer.from_pretrained(name)
         family = mept.backbone_family(backbone)
-    except (OSError, ValueError, ImportError, KeyError) as e:  # mept's refusals are ValueErrors
-        if not local and isinstance(e, OSError):
-            raise UserError(f"could not load {name!r} from the Hugging Face Hub (no network, or no such model); "
-                            "download it elsewhere and pass --model PATH, with --data_dir DIR for the data") from None
-        reason = "no text tokenizer" if isinstance(e, KeyError) else str(e).splitlines()[0]  # KeyError: transformers 4
-        raise UserError(f"unsupported backbone {name}: {reason}") from None
+    except OSError as e:  # no such folder, or not on the Hub (or no network)
+        raise UserError(f"could not load the model {name}: no model folder there, nor on the Hub; pass --model PATH, a "
+                        f"model folder (offline, with --data_dir DIR). transformers: {e}".splitlines()[0]) from None
+    except (ValueError, ImportError, KeyError) as e:  # mept's refusals are ValueErrors; KeyError: no tokenizer (4.x)
+        raise UserError(f"unsupported backbone {name}: {e if isinstance(e, ValueError) else type(e).__name__}"
+                        .splitlines()[0]) from None
     return backbone, tokenizer, family
 
 
 class TaskModel(nn.Module):
-    """`core` is MEPT(backbone) or the backbone. The same linear head per task for every method, so that the
-    prompts, not the head, carry the adaptation; none for seq2seq: T5 scores the label words with its LM head."""
+    """MEPT(backbone) or the backbone, and the same linear head per task for every method (so that the prompts, not
+    the head, carry the adaptation); no head for seq2seq: T5 scores the label words with its LM head."""
 
     def __init__(self, core, family, head_names, dropout, d):  # d: the width of the backbone's output
         super().__init__()
         self.core, self.family, self.heads = core, family, nn.ModuleDict()
         for name in head_names if family != "seq2seq" else []:
-            outputs = 1 if TASKS[name].choose else len(TASKS[name].label_names)
+            outputs = 1 if TASKS[name].choose else len(TASKS[name].label_names)  # a score per input, or per class
             self.heads[name] = nn.Sequential(nn.Dropout(dropout), nn.Linear(d, outputs))
 
     def forward(self, batch, task):
@@ -466,52 +431,37 @@ def group_loss_and_predictions(model, batch, groups, task):
     """Run a batch: the training loss (None when nothing is labelled) and the predicted choice per group."""
     lm_loss, scores = model(batch, task)
     if scores.dim() == 1:  # one score per input: each group's scores in a row, -inf where a group has fewer
-        per_group = list(scores.split(batch["sizes"]))
-        scores = nn.utils.rnn.pad_sequence(per_group, batch_first=True, padding_value=-math.inf)  # (G, C)
+        scores = nn.utils.rnn.pad_sequence(list(scores.split(batch["sizes"])), True, -math.inf)  # (G, C), batch first
     labelled = [i for i, g in enumerate(groups) if g.gold]
     if lm_loss is not None or not labelled:  # T5 trains with its LM loss on the gold word
         return lm_loss, scores.argmax(-1).tolist()
-    is_gold = torch.zeros_like(scores, dtype=torch.bool)  # (G, C)
-    for i in labelled:
-        is_gold[i, groups[i].gold] = True
-    rows = scores[labelled]  # -log(softmax mass on the gold choices): cross-entropy; several golds for ReCoRD
-    loss = (rows.logsumexp(-1) - rows.masked_fill(~is_gold[labelled], -math.inf).logsumexp(-1)).mean()
+    rows = scores[labelled]  # (G', C): -log(softmax mass on the gold choices) is the cross-entropy; ReCoRD has several
+    is_gold = torch.tensor([[c in groups[i].gold for c in range(rows.shape[1])] for i in labelled], device=rows.device)
+    loss = (rows.logsumexp(-1) - rows.masked_fill(~is_gold, -math.inf).logsumexp(-1)).mean()
     return loss, scores.argmax(-1).tolist()
 
 
-# ---- Checkpoints -------------------------------------------------------------------------------------------------
-# best/ and last/ hold only what trains (mept.py's files, head.safetensors), written to a temporary folder and
-# renamed, so that an interrupted save never replaces a good one
-def write_atomically(directory, write=None):
-    """write(tmp) into a temporary folder, then two renames; write=None only puts back a good directory.old."""
+# ---- Checkpoints: best/ and last/ hold only what trains; an interrupted save never replaces a good one ------------
+def save_checkpoint(model, directory, run_config, trainer_state=None):
+    """Written into directory.tmp, then two renames: at every moment directory or directory.old is a good copy."""
     tmp, old = directory + ".tmp", directory + ".old"
-    if not os.path.isdir(directory) and os.path.isdir(old):
-        os.rename(old, directory)
-    if write is None:
-        return
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    write(tmp)
+    if isinstance(model.core, mept.MEPT):
+        model.core.save_pretrained(tmp)  # mept_model.safetensors (prompts, routers), mept_config.json
+    elif run_config["method"] == "finetune":  # save_model stores T5's tied embeddings once
+        save_model(model.core, os.path.join(tmp, "backbone.safetensors"))
+    if len(model.heads):
+        save_model(model.heads, os.path.join(tmp, "head.safetensors"))
+    with open(os.path.join(tmp, "run_config.json"), "w") as f:
+        json.dump(run_config, f, indent=2)
+    if trainer_state is not None:  # last/ only: what --resume needs
+        torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
     if os.path.isdir(directory):
         shutil.rmtree(old, ignore_errors=True)
-        os.rename(directory, old)  # from here to the next line, the good copy is directory.old
+        os.rename(directory, old)
     os.rename(tmp, directory)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def save_checkpoint(model, directory, run_config, trainer_state=None):
-    def write(tmp):
-        if isinstance(model.core, mept.MEPT):
-            model.core.save_pretrained(tmp)  # mept_config.json, mept_model.safetensors
-        elif run_config["method"] == "finetune":  # save_model stores T5's tied embeddings once
-            save_model(model.core, os.path.join(tmp, "backbone.safetensors"))
-        if len(model.heads):
-            save_model(model.heads, os.path.join(tmp, "head.safetensors"))
-        with open(os.path.join(tmp, "run_config.json"), "w") as f:
-            json.dump(run_config, f, indent=2)
-        if trainer_state is not None:  # last/ only: what --resume needs
-            torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
-    write_atomically(directory, write)
 
 
 def build_model(backbone, family, method, mept_config, head_names, args, checkpoint=None):
@@ -535,12 +485,11 @@ def build_model(backbone, family, method, mept_config, head_names, args, checkpo
 
 # ---- Evaluation: every row of a split scored, the official metrics, and the routing's health ---------------------
 def routing_health(experts, n_experts, gold=None, n_classes=1):
-    """One routed block, from each example's experts: the load (every top-k choice), the top expert's load
-    entropy in bits (log2 E: even; 0: one takes all), the busiest one's share (> 0.9: collapsed) and, given
-    classes, the mutual information of top expert and class in bits (0: the routing ignores the label)."""
+    """One routed block, from each example's experts: the load (every top-k choice); of the top expert: the load's
+    entropy in bits (log2 E: even, 0: one takes all), the busiest one's share (> 0.9: collapsed) and, given classes,
+    the mutual information of expert and class in bits (0: the routing ignores the label)."""
     def bits(q):  # the entropy of a distribution
         return abs((q[q > 0] * q[q > 0].log2()).sum().item())
-
     joint = torch.zeros(n_experts, max(n_classes, 1))  # (E, C): how many examples of class c took expert e
     for chosen, c in zip(experts, gold or [0] * len(experts)):
         joint[chosen[0], c] += 1
@@ -560,20 +509,19 @@ def evaluate_split(run, split):
     for name in [n for n in run.names if split in run.data[n]]:
         task, rows, groups, picks = TASKS[name], run.data[name][split], run.encoded[name][split], defaultdict(dict)
         preds = predictions[name] = [None] * len(rows)
-        for indices in make_batches(groups, run.args.eval_batch_size):
+        for indices in make_batches(groups, 2 * run.args.batch_size):  # no gradients to keep: twice the rows
             batch_groups = [groups[i] for i in indices]
             batch = collate(batch_groups, run.pad_id, run.device)
-            with run.autocast():
-                _, choices = group_loss_and_predictions(run.model, batch, batch_groups, name)
+            _, choices = group_loss_and_predictions(run.model, batch, batch_groups, name)
             for g, choice in zip(batch_groups, choices):
                 preds[g.row] = choice if task.label_names else rows[g.row]["entities"][choice]
             first = [sum(batch["sizes"][:i]) for i in range(len(batch_groups))]  # each group's first input
             for layer, routed in getattr(run.model.core, "routing", {}).items():  # picks[layer][row]: its experts
                 picks[layer].update(zip([g.row for g in batch_groups], routed.expert_idx[first].tolist()))
-        metrics[name] = task.metrics(rows, preds) if split != "test" else None  # test rows have no labels
-        gold = [r["label"] for r in rows] if split != "test" and not task.choose else None  # classes for the MI
+        gold = [r["label"] for r in rows] if split != "test" else None  # test rows have no labels
+        metrics[name] = task.metrics(rows, preds, gold) if gold else None
         routing[name] = {str(layer): routing_health([by_row[r] for r in range(len(rows))], run.mept_config.n_experts,
-                                                    gold, len(task.label_names))
+                                                    None if task.choose else gold, len(task.label_names))
                          for layer, by_row in sorted(picks.items())}
     return metrics, predictions, routing
 
@@ -589,16 +537,13 @@ def write_predictions(path, name, rows, preds):
             nested[line["idx"]["paragraph"]][line["idx"]["question"]].append({**line, "idx": line["idx"]["answer"]})
         lines = [{"idx": p, "passage": {"questions": [{"idx": q, "answers": a} for q, a in qs.items()]}}
                  for p, qs in nested.items()]
-    with open(path + ".tmp", "w") as f:
+    with open(path, "w") as f:
         f.writelines(json.dumps(line) + "\n" for line in lines)
-    os.replace(path + ".tmp", path)
 
 
 # ---- The recipe's five steps -------------------------------------------------------------------------------------
-# They hand on `run`: args, names (the tasks), heads, out (the output folder), method, mept_config, saved
-# (--checkpoint's or last/'s run_config.json); data (task -> split -> rows: train, dev (the slice of train that
-# chooses the epoch), report, test) and encoded (their Groups); model, family, run_config, pad_id, device,
-# autocast; trained (the loop's counters).
+# They hand on `run`: args, names (tasks), heads, out (folder), method, mept_config, saved (a run_config.json); data
+# (task -> split -> rows; splits: train, dev (of train), report, test), encoded (Groups); model, family, device...
 def parse_args(argv):
     """Step 1: the flags, checked before anything on disk is touched; a bad one is a UserError."""
     args = build_parser().parse_args(argv)
@@ -607,21 +552,18 @@ def parse_args(argv):
     out = args.output_dir or os.path.join("out", f"{'_'.join(names)}_{'eval' if args.eval_only else args.method}")
     old = next((f for f in ("results.json", "log.jsonl", "best") if os.path.exists(os.path.join(out, f))), None)
     last = os.path.join(out, "last")
-    for folder in (last, os.path.join(out, "best")) if args.resume else ():
-        write_atomically(folder)  # a save killed between its two renames left the good copy as .old
+    for folder in (last, os.path.join(out, "best")) if args.resume else ():  # a save killed between its two renames
+        if not os.path.isdir(folder) and os.path.isdir(folder + ".old"):  # left the good copy as folder.old
+            os.rename(folder + ".old", folder)
     for wrong, sentence in [  # (what is wrong, the sentence that says so)
             (any(n not in TASKS for n in names), f"unknown task {next((n for n in names if n not in TASKS), '')!r}; "
              f"choose from {', '.join(sorted(TASKS))} or a comma list of them"),
             (diagnostic and not args.eval_only, f"{diagnostic} is a diagnostic without training data: train on rte, "
-             f"then run --task {diagnostic} --eval_only --checkpoint <rte output_dir>/best"),
-            (args.eval_only != bool(args.checkpoint), "--eval_only and --checkpoint DIR (a best/ folder) go together; "
-             "to continue a run, use --resume"),
-            (args.checkpoint and not os.path.isfile(os.path.join(str(args.checkpoint), "run_config.json")),
-             f"{args.checkpoint} is no checkpoint of this script (no run_config.json)"),
+             f"then run --task {diagnostic} --eval_only <rte output_dir>/best"),
+            (args.eval_only and not os.path.isfile(os.path.join(str(args.eval_only), "run_config.json")),
+             f"{args.eval_only} is no checkpoint of this script (no run_config.json)"),
             (args.resume and not os.path.isfile(os.path.join(last, "trainer_state.pt")), f"nothing to resume: {last} "
              "holds no checkpoint"),
-            (not args.eval_only and not (args.max_steps or args.num_epochs), "nothing to train: --num_epochs and "
-             "--max_steps are both 0; give one of them a positive value"),
             (os.path.exists(out) and not os.path.isdir(out), f"--output_dir {out} is a file, not a folder"),
             (old and not (args.resume or args.overwrite_output_dir), f"{out} already holds a run ({old}); pass "
              "--resume, --overwrite_output_dir or another --output_dir"),
@@ -630,23 +572,20 @@ def parse_args(argv):
         if wrong:
             raise UserError(sentence)
     saved, heads = None, sorted({TASKS[n].eval_as or n for n in names})
-    if args.checkpoint or args.resume:
-        with open(os.path.join(args.checkpoint or last, "run_config.json")) as f:
+    if args.eval_only or args.resume:
+        with open(os.path.join(args.eval_only or last, "run_config.json")) as f:
             saved = json.load(f)
-    untrained = [h for h in heads if args.eval_only and h not in saved["tasks"]]
-    if untrained:  # a T5 checkpoint has no head per task that would refuse
-        raise UserError(f"checkpoint {args.checkpoint} was trained on {','.join(saved['tasks'])}, not on "
-                        f"{untrained[0]}; evaluate it on the tasks it learned")
-    # a resumed run must be the same run: every flag that shapes it as it was
-    free = {"data_dir", "output_dir", "overwrite_output_dir", "resume", "predict", "eval_batch_size",
-            "max_eval_samples"} | ({"num_epochs"} if args.max_steps else set())
-    changed = [k for k, v in vars(args).items() if args.resume and k not in free and saved["args"][k] != v]
-    if changed:
-        raise UserError(f"--resume continues the run in {out}, which used --{changed[0]} {saved['args'][changed[0]]}"
-                        f", not {vars(args)[changed[0]]}; pass the same flags as that run")
+        untrained = [h for h in heads if args.eval_only and h not in saved["tasks"]]  # T5 has no head that would fail
+        free = {"data_dir", "output_dir", "overwrite_output_dir", "resume", "predict",
+                "max_eval_samples"} | ({"num_epochs"} if args.max_steps else set())  # flags --resume may change
+        changed = [k for k, v in vars(args).items() if args.resume and k not in free and saved["args"][k] != v]
+        if untrained or changed:  # a resumed run must be the same run
+            raise UserError(f"--resume continues the run in {out}, which had --{changed[0]} {saved['args'][changed[0]]}"
+                            f", not {vars(args)[changed[0]]}; pass the same flags" if changed else
+                            f"checkpoint {args.eval_only} was trained on {','.join(saved['tasks'])}, not on "
+                            f"{untrained[0]}; evaluate it on the tasks it learned")
     method = saved["method"] if args.eval_only else args.method
-    fields = ("n_experts", "prompt_len", "top_k", "router_noise", "shared_expert", "balance_coef", "init")
-    overrides = {k: getattr(args, k) for k in fields if getattr(args, k) is not None}
+    overrides = {f.name: getattr(args, f.name) for f in fields(mept.MEPTConfig) if getattr(args, f.name) is not None}
     if args.layers:
         overrides["layers"] = None if args.layers == "all" else [int(x) for x in args.layers.split(",")]
     try:
@@ -658,7 +597,7 @@ def parse_args(argv):
         raise UserError(f"prompt_len {prompt_len} leaves no room within max_length {args.max_length}; lower "
                         "--prompt_len or raise --max_length")
     return argparse.Namespace(args=args, names=names, heads=heads, out=out, method=method, mept_config=config,
-                              saved=saved, trained={})
+                              saved=saved, trained={}, started=time.time())
 
 
 def load_data(run):
@@ -668,13 +607,11 @@ def load_data(run):
     for name in run.names:
         task, splits = TASKS[name], {}
         if not task.eval_as and not args.eval_only:
-            train_rows, dev = load_split(task, "train", args.data_dir), []
-            if args.dev_from_train > 0:
-                train_rows, dev = split_off_dev(name, train_rows, args.dev_from_train, args.seed)
-            if not train_rows:
+            rows, dev = split_off_dev(name, load_split(task, "train", args.data_dir), args.dev_from_train, args.seed)
+            if not rows:
                 raise UserError(f"--dev_from_train {args.dev_from_train} leaves no {name} rows to train on (every "
                                 "row went to dev); lower it or use more training data")
-            splits.update(train=train_rows[:n_train], dev=dev[:n_eval])
+            splits.update(train=rows[:n_train], dev=dev[:n_eval])
         splits["report"] = load_split(task, "test" if task.eval_as else "validation", args.data_dir)[:n_eval]
         if args.predict:
             splits["test"] = load_split(task, "test", args.data_dir)[:n_eval]
@@ -687,14 +624,13 @@ def build(run):
     set_seed(args.seed)
     on_cuda = torch.cuda.is_available()
     # under torchrun: one process per device, rank 0 the one that writes; plain python: one process, rank 0
-    run.rank, run.world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    run.rank, run.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))  # this machine's device number
     if run.world > 1:
         torch.distributed.init_process_group("nccl" if on_cuda else "gloo")
     if on_cuda:
         torch.cuda.set_device(local)
     run.device = torch.device(f"cuda:{local}" if on_cuda else "mps" if torch.backends.mps.is_available() else "cpu")
-    bf16 = on_cuda and torch.cuda.is_bf16_supported()  # bf16 autocast where the hardware has it
-    run.autocast = lambda: torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=bf16)
     name = args.model or (run.saved["model"] if run.saved else "t5-base")
     backbone, tokenizer, run.family = load_backbone(name)
     limit = min(tokenizer.model_max_length, getattr(backbone.config, "max_position_embeddings", None) or math.inf)
@@ -704,9 +640,8 @@ def build(run):
         raise UserError("--method head_only needs a task head, and a seq2seq backbone (T5) has none: it scores the "
                         "label words with its LM head; use an encoder or a decoder")
     run.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    checkpoint = os.path.join(run.out, "last") if args.resume else args.checkpoint
-    run.model = build_model(backbone, run.family, run.method, run.mept_config, run.heads, args, checkpoint)
-    run.model.to(run.device)
+    weights = os.path.join(run.out, "last") if args.resume else args.eval_only  # a checkpoint to restore, or None
+    run.model = build_model(backbone, run.family, run.method, run.mept_config, run.heads, args, weights).to(run.device)
     run.mept_config = run.model.core.config if isinstance(run.model.core, mept.MEPT) else None
     run.run_config = {"model": name, "family": run.family, "method": run.method, "tasks": run.names, "heads": run.heads,
                       "mept": asdict(run.mept_config) if run.mept_config else None, "args": vars(args)}
@@ -718,8 +653,7 @@ def build(run):
 
 
 def train(run):
-    """Step 4, the loop: single-task batches in a seeded order, AdamW (or Adafactor), a linear warmup and decay;
-    after every epoch an evaluation: best/ keeps the best score on the dev slice, last/ all that --resume needs."""
+    """Step 4, the loop; after each epoch best/ keeps the best score on the dev slice, last/ what --resume needs."""
     args, model, groups = run.args, run.model, {n: run.encoded[n]["train"] for n in run.names}
 
     def epoch_batches(epoch):  # the order depends on (seed, epoch) alone, so that a resumed run replays it
@@ -727,7 +661,7 @@ def train(run):
         batches = [(n, b) for n in run.names for b in make_batches(groups[n], args.batch_size, seed + n)]
         return random.Random(seed).sample(batches, len(batches))
 
-    total = args.max_steps or math.ceil(len(epoch_batches(0)) / args.gradient_accumulation_steps) * args.num_epochs
+    total = args.max_steps or len(epoch_batches(0)) * args.num_epochs  # optimizer steps
     # under torchrun every process takes its share of each batch, and DDP averages the trainable weights' gradients
     # over the processes: the gradient of the whole batch, as one process would compute it
     uneven = [len(b) for _, b in epoch_batches(0) if len(b) % run.world]
@@ -739,43 +673,35 @@ def train(run):
     core_lr = args.lr if isinstance(model.core, mept.MEPT) else args.backbone_lr
     param_groups = [g for g in (dict(params=[p for p in model.core.parameters() if p.requires_grad], lr=core_lr),
                                 dict(params=list(model.heads.parameters()), lr=args.head_lr)) if g["params"]]
-    optimizer = torch.optim.AdamW(param_groups, weight_decay=args.weight_decay) if args.optimizer == "adamw" else \
-        Adafactor(param_groups, lr=args.lr, relative_step=False, scale_parameter=False, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups, weight_decay=args.weight_decay)
     warmup = math.ceil(args.warmup_ratio * total)  # steps; then a linear decay to 0 at the last step
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min((s + 1) / (warmup + 1),
                                                                           (total - s) / max(1, total - warmup)))
-    state = dict(epoch=0, step=0, best_score=-math.inf, best_epoch=None, best_step=None, bad_evals=0, elapsed=0, log=[])
+    state = dict(epoch=0, step=0, best_score=-math.inf, best_epoch=0, best_step=None, elapsed=0, log=[])
     if args.resume:  # the optimizer, the schedule, the random stream, the counters and the log, as they were saved
         saved = torch.load(os.path.join(run.out, "last", "trainer_state.pt"), weights_only=False)
         optimizer.load_state_dict(saved["optimizer"])
         schedule.load_state_dict(saved["schedule"])
         torch.set_rng_state(saved["torch_rng"])
         state = saved["state"]
-    log = os.path.join(run.out, "log.jsonl")
-    if run.rank == 0:  # only rank 0 touches the disk
-        if not args.resume:  # anew: nothing of an overwritten run survives
-            shutil.rmtree(os.path.join(run.out, "best"), ignore_errors=True)
-            shutil.rmtree(os.path.join(run.out, "last"), ignore_errors=True)
-            if os.path.isfile(os.path.join(run.out, "results.json")):
-                os.remove(os.path.join(run.out, "results.json"))
+    if run.rank == 0:  # only rank 0 writes; a new run keeps nothing of the one it overwrites
         os.makedirs(run.out, exist_ok=True)
-        with open(log, "w") as f:  # a resumed run's log ends at its checkpoint
-            f.writelines(json.dumps(entry) + "\n" for entry in state["log"])
+        for stale in ("best", "last", "results.json", "log.jsonl") if not args.resume else ():
+            path = os.path.join(run.out, stale)
+            if os.path.exists(path):
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     clock, bar = time.time() - state["elapsed"], tqdm(total=total, initial=state["step"], disable=run.rank or None)
-    while state["step"] < total and not (args.patience and state["bad_evals"] >= args.patience):
+    while state["step"] < total and not (args.patience and state["epoch"] - state["best_epoch"] >= args.patience):
         batches, losses = epoch_batches(state["epoch"]), []
         model.train()
-        for i, (name, indices) in enumerate(batches):
+        for name, indices in batches:
             batch_groups = [groups[name][j] for j in indices[run.rank::run.world]]  # this process's share
-            with run.autocast():
-                batch = collate(batch_groups, run.pad_id, run.device)
-                loss = group_loss_and_predictions(net, batch, batch_groups, name)[0]
-                loss = loss + getattr(model.core, "aux_loss", 0.0)  # MEPT's balance term (0 unless asked for)
-            (loss / args.gradient_accumulation_steps).backward()
+            batch = collate(batch_groups, run.pad_id, run.device)
+            loss = group_loss_and_predictions(net, batch, batch_groups, name)[0]
+            loss = loss + getattr(model.core, "aux_loss", 0.0)  # MEPT's balance term (0 unless asked for)
+            loss.backward()
             losses.append(loss.item())
-            if (i + 1) % args.gradient_accumulation_steps and i + 1 < len(batches):
-                continue  # accumulate: a step on every accum-th batch and on the epoch's last
-            if args.max_grad_norm > 0 and args.optimizer == "adamw":  # Adafactor clips on its own
+            if args.max_grad_norm > 0:
                 nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.max_grad_norm)
             optimizer.step()
             schedule.step()
@@ -791,7 +717,7 @@ def train(run):
         if run.world > 1:  # every process evaluated alike; rank 0's score decides, so that all stop together
             torch.distributed.broadcast_object_list(score, src=0)
         improved = score[0] > state["best_score"]
-        state.update(bad_evals=0 if improved else state["bad_evals"] + 1, elapsed=time.time() - clock)
+        state["elapsed"] = time.time() - clock
         if improved:
             state.update(best_score=score[0], best_epoch=state["epoch"], best_step=state["step"])
         entry = {"epoch": state["epoch"], "step": state["step"], "loss": sum(losses) / len(losses), "metrics": report,
@@ -801,11 +727,11 @@ def train(run):
         if run.rank == 0:
             if improved:
                 save_checkpoint(model, os.path.join(run.out, "best"), run.run_config)
-            with open(log, "a") as f:
-                f.write(json.dumps(entry) + "\n")
+            with open(os.path.join(run.out, "log.jsonl"), "w") as f:  # the whole log: a resumed run's ends as saved
+                f.writelines(json.dumps(e) + "\n" for e in state["log"])
             scores = " | ".join(f"{n} {show(m)}" for n, m in report.items())
-            tqdm.write(f"epoch {entry['epoch']} | step {entry['step']} | loss {entry['loss']:.4f} | lr {entry['lr']:.2e}"
-                       f" | {scores}{' | best' if improved else ''} | {entry['elapsed']:.0f}s")
+            tqdm.write(f"epoch {entry['epoch']} | step {entry['step']} | loss {entry['loss']:.4f} | lr "
+                       f"{entry['lr']:.2e} | {scores}{' | best' if improved else ''} | {entry['elapsed']:.0f}s")
             save_checkpoint(model, os.path.join(run.out, "last"), run.run_config, trainer_state={
                 "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                 "torch_rng": torch.get_rng_state(), "state": state})
@@ -813,7 +739,7 @@ def train(run):
     run.trained = {"best_epoch": state["best_epoch"], "best_step": state["best_step"], "steps": state["step"]}
 
 
-def report(run, started):
+def report(run):
     """Step 5: best/ reloaded (proof that it round-trips) and scored; predictions, results.json, the final line."""
     args, core = run.args, run.model.core
     if run.world > 1:  # when rank 0 has written best/, the processes need each other no more
@@ -827,14 +753,14 @@ def report(run, started):
     results = {**run.run_config, **run.trained, "metrics": metrics, "routing": routing,
                "versions": {p: version(p) for p in ("torch", "transformers", "datasets", "tqdm")},
                "trainable_params": mept.parameters_line(run.model),
+               "wall_time_seconds": round(time.time() - run.started, 1),
                "report_split": "test (diagnostic)" if any(TASKS[n].eval_as for n in run.names) else "validation",
                "selected_on": "train slice (--dev_from_train)" if args.dev_from_train > 0 else "validation",
                "n_rows": {n: {s: len(r) for s, r in splits.items()} for n, splits in run.data.items()},
                # how often each class is predicted: a class never predicted (CB's neutral) caps macro-F1
                "predicted": {n: {label: p.count(i) for i, label in enumerate(TASKS[n].label_names)}
                              for n, p in preds.items() if TASKS[n].label_names and not TASKS[n].choose},
-               "prompt_params": run.model.core.prompt_param_counts() if run.mept_config else None,
-               "wall_time_seconds": round(time.time() - started, 1)}
+               "prompt_params": run.model.core.prompt_param_counts() if run.mept_config else None}
     if run.rank > 0:  # every process has the metrics; rank 0 alone writes them
         return results
     os.makedirs(run.out, exist_ok=True)
@@ -844,12 +770,11 @@ def report(run, started):
         json.dump(results, f, indent=2, default=str)
     os.replace(os.path.join(run.out, "results.json.tmp"), os.path.join(run.out, "results.json"))
     for n, blocks in [(n, list(b.values())) for n, b in routing.items() if b]:  # the routing's health, per task
-        entropies = [b["load_entropy"] for b in blocks]
         print(f"routing | {n} | {sum(b['top_share'] > 0.9 for b in blocks)} of {len(blocks)} blocks collapsed (top "
-              f"expert > 90%) | load entropy {min(entropies):.2f}-{max(entropies):.2f} of "
-              f"{math.log2(run.mept_config.n_experts):.2f} bits | expert-label MI up to "
+              f"expert > 90%) | load entropy per block, of {math.log2(run.mept_config.n_experts):.2f} bits: "
+              + " ".join(f"{b['load_entropy']:.2f}" for b in blocks) + " | expert-label MI up to "
               f"{max(b.get('mutual_information', 0) for b in blocks):.3f} bits")
-    chosen = f"checkpoint {args.checkpoint}" if args.eval_only else \
+    chosen = f"checkpoint {args.eval_only}" if args.eval_only else \
         f"best epoch {results['best_epoch']} (selected on {results['selected_on']})"
     shown = " | ".join(f"{n} {results['report_split']} {show(m)}" for n, m in metrics.items())
     print(f"final | {chosen} | {shown} | {results['wall_time_seconds']:.0f}s", flush=True)
@@ -858,13 +783,12 @@ def report(run, started):
 
 # ---- main: the recipe --------------------------------------------------------------------------------------------
 def main(argv=None):
-    started = time.time()
     run = parse_args(argv)  # 1. a bad flag stops here, before anything on disk is touched
     load_data(run)  # 2. the rows of train, its dev slice, validation (and test, for --predict)
     build(run)  # 3. the backbone, MEPT or not, the heads; every split encoded once
     if not run.args.eval_only:
         train(run)  # 4. the loop: best/ and last/ on disk, log.jsonl
-    return report(run, started)  # 5. best/ reloaded, the official metrics, results.json
+    return report(run)  # 5. best/ reloaded, the official metrics, results.json
 
 
 if __name__ == "__main__":
@@ -873,6 +797,4 @@ if __name__ == "__main__":
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("error: interrupted; continue with --resume (the last checkpoint is intact)", file=sys.stderr)
-        sys.exit(130)
+
