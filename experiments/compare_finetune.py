@@ -32,7 +32,6 @@ VARIANTS = {"ours": [],
 
 def run_trainer(args, seed, out):
     """The recipe from the transformers docs, on the same rows."""
-    import numpy as np
     import torch
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
                               TrainingArguments)
@@ -52,14 +51,14 @@ def run_trainer(args, seed, out):
                       args=TrainingArguments(output_dir=out, num_train_epochs=args.epochs, learning_rate=2e-5,
                                              per_device_train_batch_size=16, per_device_eval_batch_size=64, seed=seed,
                                              save_strategy="no", report_to=[], logging_steps=50, use_cpu=True),
-                      compute_metrics=lambda p: {"accuracy": float((np.argmax(p.predictions, -1) == p.label_ids).mean())})
+                      compute_metrics=lambda p: {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())})
     trainer.train()
     return {"accuracy": trainer.evaluate()["eval_accuracy"]}
 
 
 def run_ours(args, seed, out, extra):
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--task", "rte", "--method", "finetune", "--model", args.model,
-           "--data_dir", args.data_dir, "--seed", str(seed), "--num_epochs", str(args.epochs), "--backbone_lr", "2e-5",
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--task", "rte", "--method", "finetune",
+           "--model", args.model, "--data_dir", args.data_dir, "--seed", str(seed), "--num_epochs", str(args.epochs), "--backbone_lr", "2e-5",
            "--batch_size", "16", "--max_length", str(args.max_length), "--output_dir", out, "--overwrite_output_dir",
            *extra]
     subprocess.run(cmd, check=True, env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)),
