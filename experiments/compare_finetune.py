@@ -58,9 +58,9 @@ def run_trainer(args, seed, out):
 
 def run_ours(args, seed, out, extra):
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--task", "rte", "--method", "finetune",
-           "--model", args.model, "--data_dir", args.data_dir, "--seed", str(seed), "--num_epochs", str(args.epochs), "--backbone_lr", "2e-5",
-           "--batch_size", "16", "--max_length", str(args.max_length), "--output_dir", out, "--overwrite_output_dir",
-           *extra]
+           "--model", args.model, "--data_dir", args.data_dir, "--seed", str(seed), "--num_epochs", str(args.epochs),
+           "--backbone_lr", "2e-5", "--batch_size", "16", "--max_length", str(args.max_length), "--output_dir", out,
+           "--overwrite_output_dir", *extra]
     subprocess.run(cmd, check=True, env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)),
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     with open(os.path.join(out, "results.json")) as f:
