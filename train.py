@@ -658,16 +658,13 @@ def train(run):
 
     def epoch_batches(epoch):  # the order depends on (seed, epoch) alone, so that a resumed run replays it
         seed = f"{args.seed}-{epoch}"
-        batches = [(n, b) for n in run.names for b in make_batches(groups[n], args.batch_size, seed + n)]
+        batches = [(n, b[:len(b) - len(b) % run.world]) for n in run.names  # torchrun: the rows that divide evenly
+                   for b in make_batches(groups[n], args.batch_size, seed + n) if len(b) >= run.world]
         return random.Random(seed).sample(batches, len(batches))
 
     total = args.max_steps or len(epoch_batches(0)) * args.num_epochs  # optimizer steps
     # under torchrun every process takes its share of each batch, and DDP averages the trainable weights' gradients
     # over the processes: the gradient of the whole batch, as one process would compute it
-    uneven = [len(b) for _, b in epoch_batches(0) if len(b) % run.world]
-    if uneven:
-        raise UserError(f"a batch of {uneven[0]} rows does not divide among {run.world} processes; pick --batch_size "
-                        "and --max_train_samples so that every batch does (the last holds the rows left over)")
     net = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if run.world > 1 else model
     # the core's trainable parameters are MEPT's prompts and routers, or (finetune) the whole backbone
     core_lr = args.lr if isinstance(model.core, mept.MEPT) else args.backbone_lr
