@@ -70,7 +70,7 @@ def mean_std(values):
 def summarise(args):
     """Every finished run, read once, into the tables of results.md and the plot."""
     runs = {}
-    for backbone in sorted(os.listdir(args.out)) if os.path.isdir(args.out) else []:
+    for backbone in [b for b in sorted(os.listdir(args.out)) if os.path.isdir(os.path.join(args.out, b))]:
         for task in sorted(os.listdir(os.path.join(args.out, backbone))):
             for name in sorted(os.listdir(os.path.join(args.out, backbone, task))):
                 path = os.path.join(args.out, backbone, task, name, "results.json")
@@ -94,7 +94,7 @@ def summarise(args):
                                   for k in rs[0]["predicted"].get(task, {}))
             blocks = [list(r["routing"][task].values()) for r in rs]
             health = "- | - | -"
-            if blocks[0]:  # a routed method: per seed, how many blocks collapsed; means over blocks and seeds
+            if blocks[0] and len(blocks[0][0]["load"]) > 1:  # routed among experts: collapsed blocks per seed, means
                 collapsed = [sum(b["top_share"] > 0.9 for b in bs) for bs in blocks]
                 entropy = statistics.mean(b["load_entropy"] for bs in blocks for b in bs)
                 mi = statistics.mean(b.get("mutual_information", 0) for bs in blocks for b in bs)
@@ -145,8 +145,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbone", choices=["minilm", "smollm2"], default="minilm", help="all-MiniLM-L6-v2 (encoder) "
                    "or SmolLM2-135M (a Llama decoder; experiments/get_smollm2.py makes it)")
-    p.add_argument("--data_dir", default=os.environ.get("SUPERGLUE_DIR", os.path.join(ROOT, "..", "shared", "superglue")),
-                   help="the official SuperGLUE layout")
+    p.add_argument("--data_dir", default=os.environ.get("SUPERGLUE_DIR"), help="the official SuperGLUE layout "
+                   "(default: $SUPERGLUE_DIR)")
     p.add_argument("--tasks", nargs="+", default=["cb"], help="SuperGLUE tasks")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5], help="seeds per method")
     p.add_argument("--methods", nargs="+", default=["head_only", "prompt_tuning", "smop", "deep_prompt", "mept",
