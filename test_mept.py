@@ -654,8 +654,7 @@ def test_walkthrough_notebook_runs_top_to_bottom(monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     root = os.path.dirname(os.path.abspath(__file__))
-    data = os.environ.get("SUPERGLUE_DIR") or os.path.join(root, "..", "shared", "superglue")
-    model = real_model_folder()
+    data, model = os.environ.get("SUPERGLUE_DIR", ""), real_model_folder()
     if not os.path.isfile(os.path.join(data, "CB", "train.jsonl")):
         pytest.skip(f"no real CB data at {data} (set SUPERGLUE_DIR); the notebook would download it")
     if not model or not os.path.isdir(model):

@@ -2,7 +2,7 @@
 longest input of each batch, similar lengths grouped) against the same epoch with every input padded
 to 512 tokens, as the official code does.
 
-    python experiments/bench_padding.py --data_dir ../shared/superglue        # all-MiniLM-L6-v2, 2 threads
+    python experiments/bench_padding.py --data_dir path/to/superglue          # all-MiniLM-L6-v2, 2 threads
 """
 
 import argparse
@@ -22,7 +22,7 @@ from mept import MEPTConfig  # noqa: E402
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="encoder folder (default: the all-MiniLM-L6-v2 package)")
-    p.add_argument("--data_dir", default=os.environ.get("SUPERGLUE_DIR", "../shared/superglue"), help="official layout")
+    p.add_argument("--data_dir", default=os.environ.get("SUPERGLUE_DIR"), help="official layout")
     p.add_argument("--max_length", type=int, default=512, help="the fixed length of the padded epoch, slots included")
     p.add_argument("--batch_size", type=int, default=16, help="train.py's default batch size")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
