@@ -16,7 +16,6 @@ The same seed gives every method the same batches, so methods are compared seed 
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -116,7 +115,8 @@ def summarise(args):
     for name in done:
         with open(os.path.join(compare, name, "compare.json")) as f:
             r = json.load(f)
-        lines.append(f"| {name} | {100 * r['accuracy']:.1f} | {100 * r.get('last_epoch_accuracy', math.nan):.1f} |")
+        last = f"{100 * r['last_epoch_accuracy']:.1f}" if "last_epoch_accuracy" in r else "-"  # the Trainer's is its last
+        lines.append(f"| {name} | {100 * r['accuracy']:.1f} | {last} |")
     bench = os.path.join(ROOT, "runs", "bench")  # `python experiments/bench_X.py > runs/bench/X_N.txt`, N a run
     lines.append("\n## Cost: the benchmarks' saved outputs (runs/bench), on the machine that ran them\n")
     for name in sorted(n for n in os.listdir(bench) if n.endswith(".txt")) if os.path.isdir(bench) else []:
