@@ -767,10 +767,10 @@ def report(run):
         json.dump(results, f, indent=2, default=str)
     os.replace(os.path.join(run.out, "results.json.tmp"), os.path.join(run.out, "results.json"))
     for n, blocks in [(n, list(b.values())) for n, b in routing.items() if b]:  # the routing's health, per task
+        entropies = " ".join(f"{b['load_entropy']:.2f}" for b in blocks)
         print(f"routing | {n} | {sum(b['top_share'] > 0.9 for b in blocks)} of {len(blocks)} blocks collapsed (top "
               f"expert > 90%) | load entropy per block, of {math.log2(run.mept_config.n_experts):.2f} bits: "
-              + " ".join(f"{b['load_entropy']:.2f}" for b in blocks) + " | expert-label MI up to "
-              f"{max(b.get('mutual_information', 0) for b in blocks):.3f} bits")
+              f"{entropies} | expert-label MI up to {max(b.get('mutual_information', 0) for b in blocks):.3f} bits")
     chosen = f"checkpoint {args.eval_only}" if args.eval_only else \
         f"best epoch {results['best_epoch']} (selected on {results['selected_on']})"
     shown = " | ".join(f"{n} {results['report_split']} {show(m)}" for n, m in metrics.items())
