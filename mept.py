@@ -73,7 +73,7 @@ class MEPTConfig:
         if self.init not in ("vocab", "random"):
             raise ValueError(f"init must be 'vocab' or 'random', got {self.init!r}.")
         # block 0's prompt is inserted with the tokens: without block 0 there would be no slots
-        if self.layers is not None and (0 not in self.layers or any(type(l) is not int or l < 0 for l in self.layers)):
+        if self.layers is not None and (0 not in self.layers or any(type(i) is not int or i < 0 for i in self.layers)):
             raise ValueError(f"layers must be block indices that include 0, got {list(self.layers)}.")
         self.layers = None if self.layers is None else sorted(set(self.layers))
 
@@ -101,7 +101,7 @@ class Router(nn.Module):
     def forward(self, hidden, mask):  # hidden (B, T, D), mask (B, T) with 1 = real token
         # a parameter-free LayerNorm, so that routers at every depth read inputs on one scale
         normed = F.layer_norm(hidden.float(), hidden.shape[-1:])  # (B, T, D)
-        # s = the mean over the real tokens only: padding never moves the router (official bug 2)
+        # s = the mean over the real tokens only: padding never moves the router (the official code's did)
         summary = (normed * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)  # (B, D)
         logits = self.proj(summary.to(self.proj.weight.dtype)).float()  # (B, E): logits = W_l s
         if self.training and self.noise > 0:
@@ -237,17 +237,17 @@ class MEPT(nn.Module):
             # one block run again and again (shared weights), or each layer split over parallel lists
             raise UnsupportedBackbone(f"{name} has no one module per layer to hook ({len(self.blocks)} blocks in "
                                       f"{len(parallel)} parallel lists for {n_layers} layers); {INPUT_ONLY}.")
-        # method.md, "Where the slots sit": an encoder's head reads position 0 ([CLS]), so the slots
+        # where the slots sit: an encoder's head reads position 0 ([CLS]), so the slots
         # go right after it; in seq2seq and decoder-only models they lead the sequence
         self.slot_offset = 1 if self.family == "encoder" else 0
         self._was_trainable = {n: p.requires_grad for n, p in backbone.named_parameters()}
         self._was_training, self._removed, self._calibrating = backbone.training, False, False
         self._token_mask, self.routing, self.aux_loss = None, {}, torch.zeros(())
-        self.prompts = nn.ModuleDict({str(l): ExpertPrompts(self.config, embed) for l in self.layers})
+        self.prompts = nn.ModuleDict({str(i): ExpertPrompts(self.config, embed) for i in self.layers})
         # block 0 routes in forward(); every later block in a removable forward pre-hook (a bound
         # method, not a closure, so that a deepcopy of MEPT gets hooks bound to the copy)
-        self._handles = [self.blocks[l].register_forward_pre_hook(functools.partial(self._slot_hook, l),
-                                                                  with_kwargs=True) for l in self.layers if l > 0]
+        self._handles = [self.blocks[i].register_forward_pre_hook(functools.partial(self._slot_hook, i),
+                                                                  with_kwargs=True) for i in self.layers if i > 0]
         try:
             self._probe()
         except Exception:
@@ -290,7 +290,7 @@ class MEPT(nn.Module):
         finally:
             self._token_mask, self._calibrating = None, False
             self.backbone.train(self._was_training)
-        skipped = [l for l in self.layers if l not in self.routing]
+        skipped = [i for i in self.layers if i not in self.routing]
         if skipped:
             raise UnsupportedBackbone(f"block {skipped[0]} of {name} never receives the whole prompted sequence "
                                       f"through its module call, so no hook can route there; {INPUT_ONLY}.")

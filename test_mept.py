@@ -80,8 +80,8 @@ def batch(seed=1, b=B, t=T):
 
 @pytest.mark.parametrize("b,k", [(B, 1), (B, K), (1, 1), (1, K)])
 def test_gather_matches_per_example_loop(b, k):
-    """method.md step 2e: mixed[b] = sum_k gate[b,k] * pool[idx[b,k]], values and gradients; batch size 1
-    and K = 1 take the same path (official bug 6: a bare squeeze and a separate k == 1 branch)."""
+    """mept.py step 2: mixed[b] = sum_k gate[b,k] * pool[idx[b,k]], values and gradients; batch size 1
+    and K = 1 take the same path (the official code broke at batch size 1 on a bare squeeze)."""
     torch.manual_seed(0)
     pool = torch.randn(E, P, D, dtype=torch.float64, requires_grad=True)  # (E, P, D)
     gate = torch.rand(b, k, dtype=torch.float64, requires_grad=True)  # (B, K)
@@ -97,7 +97,7 @@ def test_gather_matches_per_example_loop(b, k):
 
 
 def test_examples_that_pick_the_same_expert_each_get_it_whole():
-    """Official bug 1: with top-1 every example got its gate times the SUM of the batch's chosen experts."""
+    """The official code's top-1 gave every example its gate times the SUM of the batch's chosen experts."""
     pool = torch.randn(E, P, D)
     mixed = gather_experts(pool, torch.tensor([[2], [2], [0]]), torch.ones(3, 1))
     torch.testing.assert_close(mixed, pool[[2, 2, 0]], msg="each example must get exactly its own expert")
@@ -185,7 +185,7 @@ def test_each_family_routes_every_block_forward_and_backward(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_eval_output_does_not_depend_on_batch_mates(family):
-    """Official bug 1: the top-1 code summed the experts of the whole batch; ours routes each example alone."""
+    """The official top-1 code summed the experts of the whole batch; ours routes each example alone."""
     model = mept(family, top_k=1)
     ids, mask = batch()
     together = run(model, family, ids, mask)
@@ -199,7 +199,7 @@ def test_eval_output_does_not_depend_on_batch_mates(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_right_padding_changes_neither_routing_nor_output(family):
-    """Official bug 2: padding entered the router's mean. Ours averages the real tokens only."""
+    """In the official code padding entered the router's mean. Ours averages the real tokens only."""
     model = mept(family)
     ids, mask = batch(b=1)
     plain = run(model, family, ids, mask)
@@ -407,7 +407,7 @@ def test_gradient_checkpointing_gives_the_same_gradients_or_is_refused():
 
 
 # -----------------------------------------------------------------------------
-# 6. Save, load, remove (official bug 7: no way to save trained prompts)
+# 6. Save, load, remove (the official code could not save trained prompts)
 
 
 @pytest.mark.parametrize("family", ["t5", "bert", "llama"])

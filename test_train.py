@@ -1,7 +1,7 @@
 """Tests for train.py: offline, on CPU, in seconds.
 
 Tiny random T5, BERT and GPT-2 models are built from configs with a word-level tokenizer, and
-every task gets a few rows written in the official SuperGLUE zip layout (ecosystem-notes 1.4).
+every task gets a few rows written in the official SuperGLUE zip layout (<Task>/train.jsonl, val.jsonl, test.jsonl).
 The metrics are checked against hand-computed cases.
 """
 

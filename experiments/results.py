@@ -6,6 +6,8 @@ summarised into experiments/results.md and experiments/accuracy_vs_params.png.
         --methods deep_prompt mept mept_noise0 mept_balance mept_top2 mept_e8                # MEPT's routing
     python experiments/results.py --backbone smollm2 --tasks cb --seeds 1 2 3 --epochs 10 \\
         --methods head_only prompt_tuning smop deep_prompt mept                            # the Llama analogue
+    python experiments/results.py --tasks rte --seeds 1 --epochs 10 --max_length 128 \\
+        --methods finetune finetune_lr5e-5                                                 # RTE's budget search
     python experiments/results.py --summarise_only                                         # tables and plot
 
 Protocol: train.py's defaults (a linear head for every method, the epoch chosen on a per-label 10% slice
@@ -28,6 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = {"head_only": ["--method", "head_only"], "prompt_tuning": ["--method", "prompt_tuning"],
            "smop": ["--method", "smop"], "deep_prompt": ["--method", "deep_prompt"], "mept": ["--method", "mept"],
            "finetune": ["--method", "finetune", "--backbone_lr", "2e-5"],
+           "finetune_lr5e-5": ["--method", "finetune", "--backbone_lr", "5e-5"],  # RTE's budget search
            # MEPT's routing, one change at a time
            "mept_noise0": ["--method", "mept", "--router_noise", "0"],
            "mept_balance": ["--method", "mept", "--balance_coef", "0.01"],
@@ -102,11 +105,34 @@ def summarise(args):
             both = [s for s in seeds(m) if (backbone, task, "deep_prompt", s) in runs]
             diff = [100 * (runs[backbone, task, m, s]["metrics"][task]["accuracy"]
                            - runs[backbone, task, "deep_prompt", s]["metrics"][task]["accuracy"]) for s in both]
-            paired = f"{statistics.mean(diff):+.1f} ({', '.join(f'{d:+.1f}' for d in diff)})" if m != "deep_prompt" and diff else "-"
+            paired = (f"{statistics.mean(diff):+.1f} ({', '.join(f'{d:+.1f}' for d in diff)}; "
+                      f"{sum(d > 0 for d in diff)} up, {sum(d < 0 for d in diff)} down)") if m != "deep_prompt" and diff else "-"
             trainable = int(rs[0]["trainable_params"].split("||")[0].split(":")[1].replace(",", ""))
             lines.append(f"| {LABELS.get(m, m)} | {len(rs)} | {mean_std(acc)} | {mean_std(f1) if f1 else '-'} | "
                          f"{predicted} | {health} | {trainable:,d} | {paired} |")
             points.append((backbone, task, m, trainable, statistics.mean(acc), statistics.stdev(acc) if len(acc) > 1 else 0))
+    # does collapse cost accuracy? every routed MEPT run, grouped by its collapsed blocks, against deep_prompt's seed
+    for backbone, task in sorted({(b, t) for b, t, m, _ in runs if m.startswith("mept")}):
+        by_collapse = {}
+        for (b, t, m, s), r in runs.items():
+            if (b, t) == (backbone, task) and m.startswith("mept") and (b, t, "deep_prompt", s) in runs:
+                n = sum(x["top_share"] > 0.9 for x in r["routing"][t].values())
+                by_collapse.setdefault(n, []).append(100 * (r["metrics"][t]["accuracy"]
+                                                            - runs[b, t, "deep_prompt", s]["metrics"][t]["accuracy"]))
+        lines += [f"\n## {backbone}, {task}: MEPT runs (every routing variant) by collapsed blocks, against deep_prompt\n",
+                  "| collapsed blocks | runs | accuracy minus deep_prompt's, same seed: mean (min, max) |", "|---|---|---|"]
+        lines += [f"| {n} | {len(d)} | {statistics.mean(d):+.1f} ({min(d):+.1f}, {max(d):+.1f}) |"
+                  for n, d in sorted(by_collapse.items())]
+    # RTE: the curve on the train slice, epoch by epoch (what the budget was chosen on), and validation at the chosen epoch
+    curves = [(k, r) for k, r in sorted(runs.items()) if k[1] == "rte"]
+    if curves:
+        lines += ["\n## RTE: accuracy on the 10% train slice after each epoch, and validation at the epoch it chose\n",
+                  "| run | train slice, epochs 1, 2, ... | chosen epoch | validation |", "|---|---|---|---|"]
+    for (backbone, task, m, s), r in curves:
+        with open(os.path.join(args.out, backbone, task, f"{m}_seed{s}", "log.jsonl")) as f:
+            curve = [100 * json.loads(x)["dev_metrics"][task]["accuracy"] for x in f]
+        lines.append(f"| {backbone} {m} seed {s} | {', '.join(f'{c:.1f}' for c in curve)} | {r['best_epoch']} | "
+                     f"{100 * r['metrics'][task]['accuracy']:.1f} |")
     compare = os.path.join(ROOT, "runs", "compare_finetune")  # experiments/compare_finetune.py's runs
     done = sorted(n for n in os.listdir(compare) if os.path.isfile(os.path.join(compare, n, "compare.json"))) \
         if os.path.isdir(compare) else []
@@ -141,7 +167,7 @@ def plot(args, points):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    panels = sorted({(b, t) for b, t, *_ in points})
+    panels = sorted({(b, t) for b, t, *_ in points if sum(p[:2] == (b, t) for p in points) > 1})  # 2+ methods
     if not panels:
         return
     fig, axes = plt.subplots(1, len(panels), figsize=(3.8 * len(panels), 3.6), squeeze=False)
