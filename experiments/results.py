@@ -12,7 +12,8 @@ summarised into experiments/results.md and experiments/accuracy_vs_params.png.
 
 Protocol: train.py's defaults (a linear head for every method, the epoch chosen on a per-label 10% slice
 of train, the official validation split reported at that epoch), the same budget for every method, no
-tuning on validation. Finished runs (results.json present) are skipped, so a sweep resumes where it stopped.
+tuning on validation. Finished runs (results.json present) are skipped and cut ones continue (--resume), so a
+sweep resumes where it stopped, across sessions.
 The same seed gives every method the same batches, so methods are compared seed by seed.
 """
 
@@ -54,13 +55,14 @@ def run_one(args, backbone, task, method, seed):
     out = folder(args, backbone, task, method, seed)
     if os.path.isfile(os.path.join(out, "results.json")):
         return
+    cut = os.path.isfile(os.path.join(out, "last", "trainer_state.pt"))  # a run cut short continues where it stopped
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--task", task, "--model", backbone_folder(backbone),
-           "--data_dir", args.data_dir, "--seed", str(seed), "--num_epochs", str(args.epochs),
-           "--max_length", str(args.max_length), "--output_dir", out, "--overwrite_output_dir", *METHODS[method]]
+           "--data_dir", args.data_dir, "--seed", str(seed), "--num_epochs", str(args.epochs), "--max_length",
+           str(args.max_length), "--output_dir", out, "--resume" if cut else "--overwrite_output_dir", *METHODS[method]]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     start = time.time()
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out + ".log", "w") as log:  # the run's own output, beside its folder
+    with open(out + ".log", "a" if cut else "w") as log:  # the run's own output, beside its folder
         code = subprocess.call(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     print(f"{backbone} {task} {method:13s} seed {seed}: {'ok' if code == 0 else f'FAILED ({code})'} in "
           f"{time.time() - start:.0f}s", flush=True)
