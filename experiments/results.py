@@ -89,7 +89,7 @@ def summarise(args):
         seeds = lambda m: sorted(s for b, t, mm, s in runs if (b, t, mm) == (backbone, task, m))  # noqa: E731
         lines += [f"\n## {backbone}, {task}: validation, mean ± std over seeds\n",
                   "| method | seeds | accuracy | macro-F1 | predicted per class (mean) | collapsed blocks (of) | "
-                  f"load entropy (bits) | expert-label MI (bits) | trainable params | paired with deep_prompt |",
+                  "load entropy (bits) | expert-label MI (bits) | trainable params | paired with deep_prompt |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for m in methods:
             rs = [runs[backbone, task, m, s] for s in seeds(m)]
@@ -107,25 +107,39 @@ def summarise(args):
             both = [s for s in seeds(m) if (backbone, task, "deep_prompt", s) in runs]
             diff = [100 * (runs[backbone, task, m, s]["metrics"][task]["accuracy"]
                            - runs[backbone, task, "deep_prompt", s]["metrics"][task]["accuracy"]) for s in both]
-            paired = (f"{statistics.mean(diff):+.1f} ({', '.join(f'{d:+.1f}' for d in diff)}; "
-                      f"{sum(d > 0 for d in diff)} up, {sum(d < 0 for d in diff)} down)") if m != "deep_prompt" and diff else "-"
+            paired = "-" if m == "deep_prompt" or not diff else (
+                f"{statistics.mean(diff):+.1f} ({', '.join(f'{d:+.1f}' for d in diff)}; "
+                f"{sum(d > 0 for d in diff)} up, {sum(d < 0 for d in diff)} down)")
             trainable = int(rs[0]["trainable_params"].split("||")[0].split(":")[1].replace(",", ""))
             lines.append(f"| {LABELS.get(m, m)} | {len(rs)} | {mean_std(acc)} | {mean_std(f1) if f1 else '-'} | "
                          f"{predicted} | {health} | {trainable:,d} | {paired} |")
-            points.append((backbone, task, m, trainable, statistics.mean(acc), statistics.stdev(acc) if len(acc) > 1 else 0))
-    # does collapse cost accuracy? every routed MEPT run, grouped by its collapsed blocks, against deep_prompt's seed
+            points.append((backbone, task, m, trainable, statistics.mean(acc),
+                           statistics.stdev(acc) if len(acc) > 1 else 0))
+    # does collapse cost accuracy? every routed MEPT run by its collapsed blocks; the seed moves every method's score
+    # (same batches), so each run is compared within its seed: with deep_prompt, and with the mean of the MEPT runs
     for backbone, task in sorted({(b, t) for b, t, m, _ in runs if m.startswith("mept")}):
+        routed = {(m, s): r for (b, t, m, s), r in runs.items() if (b, t) == (backbone, task) and m.startswith("mept")}
+        acc = {k: 100 * r["metrics"][task]["accuracy"] for k, r in routed.items()}
+        seed_mean = {s: statistics.mean(a for (_, ss), a in acc.items() if ss == s) for _, s in acc}
         by_collapse = {}
-        for (b, t, m, s), r in runs.items():
-            if (b, t) == (backbone, task) and m.startswith("mept") and (b, t, "deep_prompt", s) in runs:
-                n = sum(x["top_share"] > 0.9 for x in r["routing"][t].values())
-                by_collapse.setdefault(n, []).append(100 * (r["metrics"][t]["accuracy"]
-                                                            - runs[b, t, "deep_prompt", s]["metrics"][t]["accuracy"]))
-        lines += [f"\n## {backbone}, {task}: MEPT runs (every routing variant) by collapsed blocks, against deep_prompt\n",
-                  "| collapsed blocks | runs | accuracy minus deep_prompt's, same seed: mean (min, max) |", "|---|---|---|"]
-        lines += [f"| {n} | {len(d)} | {statistics.mean(d):+.1f} ({min(d):+.1f}, {max(d):+.1f}) |"
-                  for n, d in sorted(by_collapse.items())]
-    # RTE: the curve on the train slice, epoch by epoch (what the budget was chosen on), and validation at the chosen epoch
+        for (m, s), r in routed.items():
+            n = sum(x["top_share"] > 0.9 for x in r["routing"][task].values())
+            deep = runs.get((backbone, task, "deep_prompt", s))
+            vs_deep = acc[m, s] - 100 * deep["metrics"][task]["accuracy"] if deep else None
+            by_collapse.setdefault(n, []).append((acc[m, s] - seed_mean[s], vs_deep))
+        lines += [f"\n## {backbone}, {task}: MEPT runs (every routing variant, every seed) by collapsed blocks\n",
+                  "| collapsed blocks | runs | accuracy minus the mean of the MEPT runs of its seed | "
+                  "minus deep_prompt's at its seed |", "|---|---|---|---|"]
+        for n, d in sorted(by_collapse.items()):
+            vs_deep = [y for _, y in d if y is not None]
+            deep = f"{statistics.mean(vs_deep):+.1f}" if vs_deep else "-"
+            lines.append(f"| {n} | {len(d)} | {statistics.mean(x for x, _ in d):+.1f} | {deep} |")
+        xs = [n for n, d in by_collapse.items() for _ in d]
+        ys = [x for d in by_collapse.values() for x, _ in d]
+        if len(set(xs)) > 1 and len(set(ys)) > 1:
+            lines.append(f"\nCorrelation of collapsed blocks with the within-seed accuracy, over {len(xs)} runs: "
+                         f"{statistics.correlation(xs, ys):+.2f}.")
+    # RTE: the train slice's curve, epoch by epoch (what the budget is chosen on), and validation at the chosen epoch
     curves = [(k, r) for k, r in sorted(runs.items()) if k[1] == "rte"]
     if curves:
         lines += ["\n## RTE: accuracy on the 10% train slice after each epoch, and validation at the epoch it chose\n",
@@ -143,7 +157,8 @@ def summarise(args):
     for name in done:
         with open(os.path.join(compare, name, "compare.json")) as f:
             r = json.load(f)
-        last = f"{100 * r['last_epoch_accuracy']:.1f}" if "last_epoch_accuracy" in r else "-"  # the Trainer's is its last
+        # the Trainer reports its last epoch anyway
+        last = f"{100 * r['last_epoch_accuracy']:.1f}" if "last_epoch_accuracy" in r else "-"
         lines.append(f"| {name} | {100 * r['accuracy']:.1f} | {last} |")
     bench = os.path.join(ROOT, "runs", "bench")  # `python experiments/bench_X.py > runs/bench/X_N.txt`, N a run
     lines.append("\n## Cost: the benchmarks' saved outputs (runs/bench), on the machine that ran them\n")
@@ -155,8 +170,9 @@ def summarise(args):
     text = ("# Results, regenerated by experiments/results.py\n\nEach row: train.py's defaults unless the method says "
             "otherwise; accuracy and macro-F1 on the official validation split at the epoch chosen on a 10% slice of "
             "train. 'Paired with deep_prompt': the method's accuracy minus deep_prompt's, seed by seed (same batches), "
-            "mean (per seed). A block has collapsed when one expert takes over 90% of the validation inputs. The commands "
-            "are in experiments/results.py's docstring; each run's log is beside its folder in runs/results.\n"
+            "mean (per seed; how many seeds up and down). A block has collapsed when one expert takes over 90% of the "
+            "validation inputs. The commands are in experiments/results.py's docstring; each run's log is beside its "
+            "folder in runs/results. Hardware: a 2-core CPU, no GPU, two runs at a time, one thread each.\n"
             + "\n".join(lines) + "\n")
     os.makedirs(args.summary_dir, exist_ok=True)
     with open(os.path.join(args.summary_dir, "results.md"), "w") as f:
