@@ -198,8 +198,8 @@ def plot(args, points):
         ax.set_title(f"{backbone}, {task}", fontsize=9)
     axes[0][0].set_ylabel("validation accuracy (%), mean ± std")
     handles = {m: h for ax in axes[0] for h, m in zip(*ax.get_legend_handles_labels())}
-    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
     fig.savefig(os.path.join(args.summary_dir, "accuracy_vs_params.png"), dpi=110)
 
 
