@@ -102,9 +102,10 @@ def main():
     print(f"{'variant':20s} " + " ".join(f"seed {s:<3d}" for s in args.seeds) + "  mean   vs trainer (mean of pairs)")
     for variant in args.variants:
         accs = [100 * results[variant, s]["accuracy"] for s in args.seeds]
-        gaps = [a - 100 * results["trainer", s]["accuracy"] for a, s in zip(accs, args.seeds)]
+        gaps = [a - 100 * results["trainer", s]["accuracy"] for a, s in zip(accs, args.seeds)
+                if ("trainer", s) in results]  # the Trainer may not be among this call's variants
         print(f"{variant:20s} " + " ".join(f"{a:8.1f}" for a in accs) + f"  {statistics.mean(accs):5.1f}  "
-              + (f"{statistics.mean(gaps):+.1f}" if "trainer" in args.variants else ""))
+              + (f"{statistics.mean(gaps):+.1f}" if gaps else ""))
         if variant != "trainer":
             lasts = [100 * results[variant, s]["last_epoch_accuracy"] for s in args.seeds]
             print(f"{'  (its last epoch)':20s} " + " ".join(f"{a:8.1f}" for a in lasts) +
