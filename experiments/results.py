@@ -72,6 +72,11 @@ def mean_std(values):
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values) if len(values) > 1 else 0:.1f}"
 
 
+def collapsed(result, task):
+    """A run's collapsed blocks: those where one expert took over 90% of the reported split's inputs."""
+    return sum(block["top_share"] > 0.9 for block in result["routing"][task].values())
+
+
 def summarise(args):
     """Every finished run, read once, into the tables of results.md and the plot."""
     runs = {}
@@ -100,10 +105,10 @@ def summarise(args):
             blocks = [list(r["routing"][task].values()) for r in rs]
             health = "- | - | -"
             if blocks[0] and len(blocks[0][0]["load"]) > 1:  # routed among experts: collapsed blocks per seed, means
-                collapsed = [sum(b["top_share"] > 0.9 for b in bs) for bs in blocks]
+                per_seed = [collapsed(r, task) for r in rs]
                 entropy = statistics.mean(b["load_entropy"] for bs in blocks for b in bs)
                 mi = statistics.mean(b.get("mutual_information", 0) for bs in blocks for b in bs)
-                health = f"{', '.join(map(str, collapsed))} ({len(blocks[0])}) | {entropy:.2f} | {mi:.3f}"
+                health = f"{', '.join(map(str, per_seed))} ({len(blocks[0])}) | {entropy:.2f} | {mi:.3f}"
             both = [s for s in seeds(m) if (backbone, task, "deep_prompt", s) in runs]
             diff = [100 * (runs[backbone, task, m, s]["metrics"][task]["accuracy"]
                            - runs[backbone, task, "deep_prompt", s]["metrics"][task]["accuracy"]) for s in both]
@@ -123,10 +128,9 @@ def summarise(args):
         seed_mean = {s: statistics.mean(a for (_, ss), a in acc.items() if ss == s) for _, s in acc}
         by_collapse = {}
         for (m, s), r in routed.items():
-            n = sum(x["top_share"] > 0.9 for x in r["routing"][task].values())
             deep = runs.get((backbone, task, "deep_prompt", s))
             vs_deep = acc[m, s] - 100 * deep["metrics"][task]["accuracy"] if deep else None
-            by_collapse.setdefault(n, []).append((acc[m, s] - seed_mean[s], vs_deep))
+            by_collapse.setdefault(collapsed(r, task), []).append((acc[m, s] - seed_mean[s], vs_deep))
         lines += [f"\n## {backbone}, {task}: MEPT runs (every routing variant, every seed) by collapsed blocks\n",
                   "| collapsed blocks | runs | accuracy minus the mean of the MEPT runs of its seed | "
                   "minus deep_prompt's at its seed |", "|---|---|---|---|"]
