@@ -766,7 +766,8 @@ def report(run):
     with open(os.path.join(run.out, "results.json.tmp"), "w") as f:
         json.dump(results, f, indent=2, default=str)
     os.replace(os.path.join(run.out, "results.json.tmp"), os.path.join(run.out, "results.json"))
-    for n, blocks in [(n, list(b.values())) for n, b in routing.items() if b]:  # the routing's health, per task
+    # the routing's health, per task (a single expert has nothing to route: no line)
+    for n, blocks in [(n, list(b.values())) for n, b in routing.items() if b and run.mept_config.n_experts > 1]:
         entropies = " ".join(f"{b['load_entropy']:.2f}" for b in blocks)
         print(f"routing | {n} | {sum(b['top_share'] > 0.9 for b in blocks)} of {len(blocks)} blocks collapsed (top "
               f"expert > 90%) | load entropy per block, of {math.log2(run.mept_config.n_experts):.2f} bits: "
