@@ -131,12 +131,12 @@ def manual_deep_prompt(backbone, prompts, ids, mask, offset):
     full_mask = torch.cat([mask[:, :offset], torch.ones(n, P, dtype=mask.dtype), mask[:, offset:]], 1)
     blocks = backbone.encoder.layer if hasattr(backbone, "encoder") else backbone.layers
     handles = []
-    for l, prompt in list(enumerate(prompts))[1:]:
+    for i, prompt in list(enumerate(prompts))[1:]:
         def hook(module, args, kwargs, prompt=prompt):
             h = args[0].clone()
             h[:, offset:offset + P] = prompt
             return (h, *args[1:]), kwargs
-        handles.append(blocks[l].register_forward_pre_hook(hook, with_kwargs=True))
+        handles.append(blocks[i].register_forward_pre_hook(hook, with_kwargs=True))
     try:
         return backbone(inputs_embeds=embeds, attention_mask=full_mask).last_hidden_state
     finally:
@@ -149,7 +149,7 @@ def test_one_expert_is_deep_prompt_tuning(family):
     """n_experts = 1, no shared expert: the gate is the softmax of one logit, 1, so MEPT is a deep prompt."""
     model = mept(family, **PRESETS["deep_prompt"])
     ids, mask = batch()
-    prompts = [model.prompts[str(l)].expert_pool[0] for l in range(N_BLOCKS)]
+    prompts = [model.prompts[str(i)].expert_pool[0] for i in range(N_BLOCKS)]
     oracle = manual_deep_prompt(model.backbone, prompts, ids, mask, model.slot_offset)
     torch.testing.assert_close(run(model, family, ids, mask), oracle, msg="n_experts=1 should be deep prompt tuning")
 
@@ -177,10 +177,10 @@ def test_each_family_routes_every_block_forward_and_backward(family):
     assert out.shape == (B, P + T, D), f"expected (B, P+T, D), got {tuple(out.shape)}"
     out.pow(2).mean().backward()
     assert set(model.routing) == set(range(N_BLOCKS)), "every block should have routed"
-    for l, r in model.routing.items():
-        assert r.expert_idx.shape == (B, K) and r.probs.shape == (B, E), f"routing shapes wrong at block {l}"
-        grad = model.prompts[str(l)].router.proj.weight.grad  # the un-renormalised gate carries it, even at K = 1
-        assert grad is not None and grad.abs().sum() > 0, f"router of block {l} got no gradient"
+    for i, r in model.routing.items():
+        assert r.expert_idx.shape == (B, K) and r.probs.shape == (B, E), f"routing shapes wrong at block {i}"
+        grad = model.prompts[str(i)].router.proj.weight.grad  # the un-renormalised gate carries it, even at K = 1
+        assert grad is not None and grad.abs().sum() > 0, f"router of block {i} got no gradient"
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -203,12 +203,12 @@ def test_right_padding_changes_neither_routing_nor_output(family):
     model = mept(family)
     ids, mask = batch(b=1)
     plain = run(model, family, ids, mask)
-    plain_probs = {l: r.probs.clone() for l, r in model.routing.items()}
+    plain_probs = {i: r.probs.clone() for i, r in model.routing.items()}
     for extra in (2, 6):
         padded = run(model, family, torch.cat([ids, torch.zeros(1, extra, dtype=torch.long)], 1),
                      torch.cat([mask, torch.zeros(1, extra, dtype=torch.long)], 1))
-        for l, probs in plain_probs.items():
-            torch.testing.assert_close(model.routing[l].probs, probs, msg=f"padding moved the router at block {l}")
+        for i, probs in plain_probs.items():
+            torch.testing.assert_close(model.routing[i].probs, probs, msg=f"padding moved the router at block {i}")
         torch.testing.assert_close(padded[:, :P + T], plain, atol=1e-5, rtol=1e-4, msg=f"padding by {extra} moved the output")
 
 
@@ -219,10 +219,10 @@ def test_left_padding_on_a_decoder_changes_neither_routing_nor_output(family):
     model = mept(family)
     ids, mask = batch(b=2)
     plain = model(ids, mask).last_hidden_state  # (2, P+T, D)
-    plain_idx = {l: r.expert_idx for l, r in model.routing.items()}
+    plain_idx = {i: r.expert_idx for i, r in model.routing.items()}
     pads = torch.zeros(2, 4, dtype=torch.long)
     padded = model(torch.cat([pads, ids], 1), torch.cat([pads, mask], 1)).last_hidden_state  # (2, P+4+T, D)
-    assert all(torch.equal(model.routing[l].expert_idx, plain_idx[l]) for l in plain_idx), "left padding moved the routing"
+    assert all(torch.equal(model.routing[i].expert_idx, plain_idx[i]) for i in plain_idx), "left padding moved the routing"
     torch.testing.assert_close(padded[:, P + 4:], plain[:, P:], atol=1e-5, rtol=1e-4, msg="left padding moved the output")
 
 
@@ -271,32 +271,32 @@ def test_single_example_top1_updates_exactly_one_expert_per_block():
     """MEPT: only the routed prompt of each block is activated for an input, so only it gets gradient."""
     model = mept("bert", top_k=1, router_noise=0.0).train()
     run(model, "bert", *batch(b=1)).pow(2).mean().backward()
-    for l in model.layers:
-        touched = (model.prompts[str(l)].expert_pool.grad.abs().sum(dim=(1, 2)) > 0).nonzero().flatten().tolist()
-        chosen = model.routing[l].expert_idx.flatten().tolist()
-        assert touched == chosen, f"block {l}: experts {touched} got gradient, but {chosen} was routed"
+    for i in model.layers:
+        touched = (model.prompts[str(i)].expert_pool.grad.abs().sum(dim=(1, 2)) > 0).nonzero().flatten().tolist()
+        chosen = model.routing[i].expert_idx.flatten().tolist()
+        assert touched == chosen, f"block {i}: experts {touched} got gradient, but {chosen} was routed"
 
 
 def test_router_noise_acts_only_in_training_and_is_seeded():
     model = mept("bert", router_noise=1.0)
     ids, mask = batch()
     run(model.eval(), "bert", ids, mask)
-    eval_probs = {l: r.probs.clone() for l, r in model.routing.items()}
+    eval_probs = {i: r.probs.clone() for i, r in model.routing.items()}
     run(model, "bert", ids, mask)
-    assert all(torch.equal(model.routing[l].probs, p) for l, p in eval_probs.items()), "eval routing must be deterministic"
+    assert all(torch.equal(model.routing[i].probs, p) for i, p in eval_probs.items()), "eval routing must be deterministic"
     noisy = []
     for _ in range(2):
         torch.manual_seed(123)
         run(model.train(), "bert", ids, mask)
-        noisy.append({l: r.probs.clone() for l, r in model.routing.items()})
-    assert any(not torch.allclose(noisy[0][l], eval_probs[l]) for l in eval_probs), "noise should act in training"
-    assert all(torch.equal(noisy[0][l], noisy[1][l]) for l in eval_probs), "the same seed must give the same routing"
+        noisy.append({i: r.probs.clone() for i, r in model.routing.items()})
+    assert any(not torch.allclose(noisy[0][i], eval_probs[i]) for i in eval_probs), "noise should act in training"
+    assert all(torch.equal(noisy[0][i], noisy[1][i]) for i in eval_probs), "the same seed must give the same routing"
     model.config.router_noise = 0.0
     for router in (p.router for p in model.prompts.values()):
         router.noise = 0.0
     run(model, "bert", ids, mask)
-    for l, probs in eval_probs.items():
-        torch.testing.assert_close(model.routing[l].probs, probs, msg="sigma = 0 must turn the noise off")
+    for i, probs in eval_probs.items():
+        torch.testing.assert_close(model.routing[i].probs, probs, msg="sigma = 0 must turn the noise off")
 
 
 def test_different_inputs_can_take_different_pathways():
@@ -350,9 +350,9 @@ def test_generate_from_the_cache_equals_recomputing_every_step(family):
             torch.testing.assert_close(out.scores[step], logits, atol=1e-5, rtol=1e-4, msg=f"step {step} differs")
             seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(out.sequences[:, -4:], seq[:, -4:])
-    routed = {l: r.expert_idx for l, r in model.routing.items()}
+    routed = {i: r.expert_idx for i, r in model.routing.items()}
     model(ids, mask, **({"decoder_input_ids": seq[:, :1]} if family == "t5" else {}))
-    assert set(routed) == set(range(N_BLOCKS)) and all(torch.equal(routed[l], model.routing[l].expert_idx) for l in routed)
+    assert set(routed) == set(range(N_BLOCKS)) and all(torch.equal(routed[i], model.routing[i].expert_idx) for i in routed)
 
 
 def test_beams_route_each_repeated_row_like_its_input():
@@ -364,10 +364,10 @@ def test_beams_route_each_repeated_row_like_its_input():
     ids, mask = batch(b=2)
     ids[0, :3], mask[0, :3] = 0, 0
     model(ids, mask)
-    alone = {l: r.expert_idx for l, r in model.routing.items()}
+    alone = {i: r.expert_idx for i, r in model.routing.items()}
     assert model.generate(ids, mask, max_new_tokens=2, num_beams=3, pad_token_id=0).shape == (2, 2)
-    for l in range(1, N_BLOCKS):
-        assert torch.equal(model.routing[l].expert_idx, alone[l].repeat_interleave(3, dim=0)), f"block {l}"
+    for i in range(1, N_BLOCKS):
+        assert torch.equal(model.routing[i].expert_idx, alone[i].repeat_interleave(3, dim=0)), f"block {i}"
 
 
 def test_segment_ids_and_token_labels_get_an_entry_per_slot():
@@ -644,10 +644,10 @@ def test_the_real_minilm_routes_every_block_and_ignores_padding(tmp_path):
     padded = tokenizer(["A man is playing a guitar.", "A much longer sentence pads the first one on the right."],
                        padding=True, return_tensors="pt")
     plain = model(**short).last_hidden_state  # (1, P+T, 384)
-    probs = {l: r.probs[0] for l, r in model.routing.items()}
+    probs = {i: r.probs[0] for i, r in model.routing.items()}
     both = model(**padded).last_hidden_state
     torch.testing.assert_close(both[0, :plain.shape[1]], plain[0], atol=1e-4, rtol=1e-4)
-    assert all(torch.allclose(model.routing[l].probs[0], p, atol=1e-5) for l, p in probs.items())
+    assert all(torch.allclose(model.routing[i].probs[0], p, atol=1e-5) for i, p in probs.items())
 
 
 def test_walkthrough_notebook_runs_top_to_bottom(monkeypatch):
