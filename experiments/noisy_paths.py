@@ -28,12 +28,20 @@ def main():
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    with open(os.path.join(args.run, "best", "run_config.json")) as f:
+    saved = os.path.join(args.run, "best", "run_config.json")
+    if not os.path.isfile(saved) or not args.data_dir:
+        sys.exit(f"error: need {saved} (a finished train.py run) and --data_dir (or SUPERGLUE_DIR)")
+    with open(saved) as f:
         config = json.load(f)
-    backbone, tokenizer, family = train.load_backbone(config["model"])
-    model = MEPT.from_pretrained(backbone, os.path.join(args.run, "best"))
+    if not config["mept"] or config["mept"]["n_experts"] < 2 or config["family"] == "seq2seq":  # T5: decoder inputs
+        sys.exit(f"error: {args.run} is not a MEPT run with 2+ experts on an encoder or decoder: nothing to measure")
     name = config["tasks"][0]
-    rows = train.load_split(train.TASKS[name], "train", args.data_dir)[:args.rows]
+    try:
+        rows = train.load_split(train.TASKS[name], "train", args.data_dir)[:args.rows]
+        backbone, tokenizer, family = train.load_backbone(config["model"])
+    except train.UserError as e:
+        sys.exit(f"error: {e}")
+    model = MEPT.from_pretrained(backbone, os.path.join(args.run, "best"))
     budget = config["args"]["max_length"] - config["mept"]["prompt_len"]  # tokens beside the slots, as in train.py
     groups = train.encode_rows(name, rows, family, tokenizer, budget, False)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
