@@ -8,6 +8,8 @@ summarised into experiments/results.md and experiments/accuracy_vs_params.png.
         --methods head_only prompt_tuning smop deep_prompt mept mept_noise0                # the Llama analogue
     python experiments/results.py --tasks rte --seeds 1 --epochs 10 --max_length 128 \\
         --methods finetune finetune_lr5e-5                                                 # RTE's budget search
+    python experiments/results.py --tasks rte --seeds 1 --epochs 10 --max_length 128 \\
+        --methods head_only prompt_tuning smop deep_prompt mept                            # RTE at that budget
     python experiments/results.py --summarise_only                                         # tables and plot
 
 Protocol: train.py's defaults (a linear head for every method, the epoch chosen on a per-label 10% slice
