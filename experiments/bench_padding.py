@@ -67,8 +67,9 @@ def main():
     epoch(False, True)  # warm-up
     timed = {"dynamic + length-grouped": epoch(False, True), "dynamic, random order": epoch(False, False),
              f"padded to {args.max_length}": epoch(True, False)}
-    name = os.path.basename(args.model.rstrip('/'))
-    print(f"one CB epoch ({len(groups)} examples, batch {args.batch_size}), MEPT on {name}, {args.threads} threads")
+    model_name = os.path.basename(args.model.rstrip('/'))
+    print(f"one CB epoch ({len(groups)} examples, batch {args.batch_size}), MEPT on {model_name}, "
+          f"{args.threads} threads")
     base = timed["dynamic + length-grouped"][0]
     for name, (seconds, tokens) in timed.items():
         print(f"  {name:26s} {seconds:6.1f} s  {tokens:8,d} token slots  ({seconds / base:.2f}x the first)")

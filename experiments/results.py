@@ -5,7 +5,8 @@ summarised into experiments/results.md and experiments/accuracy_vs_params.png.
     python experiments/results.py --backbone minilm --tasks cb --seeds 1 2 3 4 5 \\
         --methods deep_prompt mept mept_noise0 mept_balance mept_top2 mept_e8                # MEPT's routing
     python experiments/results.py --backbone smollm2 --tasks cb --seeds 1 2 3 --epochs 10 \\
-        --methods head_only prompt_tuning smop deep_prompt mept mept_noise0                # the Llama analogue
+        --methods head_only prompt_tuning smop deep_prompt mept                            # the Llama analogue
+    python experiments/results.py --backbone smollm2 --tasks cb --seeds 1 --epochs 10 --methods mept_noise0
     python experiments/results.py --tasks rte --seeds 1 --epochs 10 --max_length 128 \\
         --methods finetune finetune_lr5e-5                                                 # RTE's budget search
     python experiments/results.py --tasks rte --seeds 1 --epochs 10 --max_length 128 \\
