@@ -55,12 +55,12 @@ class MEPTConfig:
     prompt_len: int = 10  # P: prompt slots in the sequence (paper: 10)
     top_k: int = 1  # K: experts mixed per input and block (paper: 1)
     layers: Optional[list] = None  # blocks that route; None = every block; must hold 0, the input
-    # sigma of the multiplicative router noise, training only: logits * (1 + sigma * eps). The
-    # official code scales eps by sigma squared; the two agree at the default sigma = 1
-    router_noise: float = 1.0
+    router_noise: float = 1.0  # sigma of the router noise, training only (0 = off); its form, Step 1:
+    noise_form: str = "additive"  # "additive": logits + sigma * eps; "paper": logits * (1 + sigma * eps)
     shared_expert: bool = True  # an always-on expert added to the mixture, zero at the start
     balance_coef: float = 0.0  # weight of the Switch load-balancing loss (beyond the paper; 0 = off)
     init: str = "vocab"  # "vocab": sampled embedding rows (Lester et al.); "random": N(0, 1)
+    same_start: bool = True  # a block's E experts start from the same rows (sparse upcycling); False: each its own
 
     def __post_init__(self):
         # sentence-long errors here, so that a bad setting fails now and not deep inside a forward
@@ -70,8 +70,9 @@ class MEPTConfig:
                              f"got {counts}.")
         if any(type(v) not in (int, float) or not math.isfinite(v) or v < 0 for v in weights):
             raise ValueError(f"router_noise and balance_coef must be finite numbers >= 0 (0 = off), got {weights}.")
-        if self.init not in ("vocab", "random"):
-            raise ValueError(f"init must be 'vocab' or 'random', got {self.init!r}.")
+        for name, allowed in (("init", ("vocab", "random")), ("noise_form", ("additive", "paper"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
         # block 0's prompt is inserted with the tokens: without block 0 there would be no slots
         if self.layers is not None and (0 not in self.layers or any(type(i) is not int or i < 0 for i in self.layers)):
             raise ValueError(f"layers must be block indices that include 0, got {list(self.layers)}.")
@@ -91,27 +92,38 @@ class Routing(NamedTuple):
     probs: torch.Tensor  # (B, E): the router's softmax over all experts
 
 
+def summarize(hidden, mask):  # hidden (B, T, D), mask (B, T) with 1 = real token -> s (B, D)
+    """s = the mean over the real tokens only (padding never moves the router; the official code's did), after a
+    parameter-free LayerNorm, so that routers at every depth read inputs on one scale. Always float32."""
+    normed = F.layer_norm(hidden.float(), hidden.shape[-1:])  # (B, T, D)
+    return (normed * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)  # (B, D)
+
+
+def top_k_gate(logits, top_k):  # logits (B, E) -> gate (B, K), expert_idx (B, K), probs (B, E)
+    """The gate is the chosen expert's softmax probability, NOT renormalised over the K: with K = 1 a
+    renormalised gate would be the constant 1, and the router would get no gradient from the task."""
+    probs = logits.softmax(-1)  # (B, E)
+    return (*probs.topk(top_k, dim=-1), probs)
+
+
 class Router(nn.Module):
     def __init__(self, d_model, config):
         super().__init__()
         self.proj = nn.Linear(d_model, config.n_experts, bias=False)  # W_l: (E, D), no bias
         nn.init.orthogonal_(self.proj.weight)  # orthogonal rows: every expert starts equally reachable
-        self.top_k, self.noise = config.top_k, config.router_noise
+        self.top_k, self.noise, self.noise_form = config.top_k, config.router_noise, config.noise_form
 
-    def forward(self, hidden, mask):  # hidden (B, T, D), mask (B, T) with 1 = real token
-        # a parameter-free LayerNorm, so that routers at every depth read inputs on one scale
-        normed = F.layer_norm(hidden.float(), hidden.shape[-1:])  # (B, T, D)
-        # s = the mean over the real tokens only: padding never moves the router (the official code's did)
-        summary = (normed * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)  # (B, D)
+    def forward(self, hidden, mask):  # hidden (B, T, D), mask (B, T) -> gate (B, K), Routing
+        summary = summarize(hidden, mask)  # (B, D)
         logits = self.proj(summary.to(self.proj.weight.dtype)).float()  # (B, E): logits = W_l s
-        if self.training and self.noise > 0:
-            # SMoP's multiplicative noise, logits * (1 + sigma * eps) with eps ~ N(0, 1); the detached
-            # logits set its scale, so the noise carries no gradient of its own
-            logits = logits + self.noise * torch.randn_like(logits) * logits.detach()  # (B, E)
-        probs = logits.softmax(-1)  # (B, E)
-        # the gate is the chosen expert's probability, NOT renormalised over the K: with K = 1 a
-        # renormalised gate would be the constant 1, and the router would get no gradient
-        gate, expert_idx = probs.topk(self.top_k, dim=-1)  # (B, K), (B, K)
+        if self.training and self.noise > 0:  # eps ~ N(0, 1), drawn anew per input; no gradient flows into it
+            # additive (Shazeer et al. 2017): a jitter of fixed size changes the top-1 only while its margin is
+            # small, so a sure router is followed. The paper's (SMoP's) logits * (1 + sigma * eps) changes it as
+            # often however sure the router is: the top-1 of c*z*(1 + sigma*eps) is that of z*(1 + sigma*eps) for
+            # every c > 0, and over L blocks an input trains on its own path only (1 - flips)^L of the time
+            scale = logits.detach() if self.noise_form == "paper" else 1.0  # the official code: sigma^2, same at 1
+            logits = logits + self.noise * torch.randn_like(logits) * scale  # (B, E)
+        gate, expert_idx, probs = top_k_gate(logits, self.top_k)  # (B, K), (B, K), (B, E)
         return gate, Routing(expert_idx, probs)
 
 
@@ -147,6 +159,11 @@ def gather_experts(expert_pool, expert_idx, gate):
     return mixed.view(batch, prompt_len, d_model)  # (B, P, D)
 
 
+def insert_slots(offset, seq, slots):
+    """seq (B, T, ...) and slots (B, P, ...) -> (B, P+T, ...), the slots at positions offset .. offset+P-1."""
+    return torch.cat([seq[:, :offset], slots, seq[:, offset:]], dim=1)
+
+
 # -----------------------------------------------------------------------------
 # Step 3: one block's expert pool (route, gather, add the shared expert) and the balance loss
 class ExpertPrompts(nn.Module):
@@ -154,10 +171,13 @@ class ExpertPrompts(nn.Module):
         super().__init__()
         # init: sampled rows of the vocabulary (Lester et al.; PEFT's SAMPLE_VOCAB), or N(0, 1), which lies
         # far off the embedding manifold. MEPT's probe then rescales the pools of the deeper blocks.
-        pick = torch.randint(0, embed.num_embeddings, (config.n_experts * config.prompt_len,))  # (E*P,)
-        rows = embed.weight.detach()[pick.to(embed.weight.device)].float()  # (E*P, D)
+        # same_start: all E experts start as one copy (as sparse upcycling starts experts from one dense layer),
+        # so an early flip of the router swaps nothing; they part as their inputs' gradients differ
+        E, P = config.n_experts, config.prompt_len
+        pick = torch.randint(0, embed.num_embeddings, ((1 if config.same_start else E) * P,))  # (P,) or (E*P,)
+        rows = embed.weight.detach()[pick.to(embed.weight.device)].float()  # (P or E*P, D)
         rows = rows if config.init == "vocab" else torch.randn_like(rows)
-        self.expert_pool = nn.Parameter(rows.view(config.n_experts, config.prompt_len, -1))  # (E, P, D)
+        self.expert_pool = nn.Parameter(rows.view(-1, P, rows.shape[1]).expand(E, P, -1).clone())  # (E, P, D)
         self.router = Router(rows.shape[1], config).to(rows.device)
         # (1, P, D), zero at the start: the shared expert changes nothing until it learns what all inputs share
         self.shared = nn.Parameter(torch.zeros_like(self.expert_pool[:1])) if config.shared_expert else None
@@ -317,21 +337,18 @@ class MEPT(nn.Module):
             attention_mask = torch.ones_like(input_ids)  # (B, T)
         B, P = input_ids.shape[0], self.config.prompt_len
         self.routing, self._token_mask = {}, attention_mask
+        insert = functools.partial(insert_slots, self.slot_offset)  # (seq, slots) -> the slots at s .. s+P-1
         embeds = self.backbone.get_input_embeddings()(input_ids)  # (B, T, D)
-        kwargs["inputs_embeds"] = self._insert(embeds, self._route(0, embeds))  # (B, P+T, D)
-        mask = kwargs["attention_mask"] = self._insert(attention_mask, attention_mask.new_ones(B, P))  # (B, P+T)
+        kwargs["inputs_embeds"] = insert(embeds, self._route(0, embeds))  # (B, P+T, D)
+        mask = kwargs["attention_mask"] = insert(attention_mask, attention_mask.new_ones(B, P))  # (B, P+T)
         if self.family == "decoder":  # positions count the slots and the real tokens: left pads move nothing
             kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, P+T)
         if kwargs.get("token_type_ids") is not None:  # the slots are segment 0
-            kwargs["token_type_ids"] = self._insert(kwargs["token_type_ids"], kwargs["token_type_ids"].new_zeros(B, P))
+            kwargs["token_type_ids"] = insert(kwargs["token_type_ids"], kwargs["token_type_ids"].new_zeros(B, P))
         labels = kwargs.get("labels") if self.family != "seq2seq" else None  # (T5's labels are its decoder's)
         if labels is not None and labels.shape == input_ids.shape and not labels.is_floating_point():
-            kwargs["labels"] = self._insert(labels, labels.new_full((B, P), -100))  # (B, P+T): slots never scored
+            kwargs["labels"] = insert(labels, labels.new_full((B, P), -100))  # (B, P+T): slots never scored
         return kwargs
-
-    def _insert(self, seq, slots):
-        """seq (B, T, ...) and slots (B, P, ...) -> (B, P+T, ...), the slots at positions s .. s+P-1."""
-        return torch.cat([seq[:, :self.slot_offset], slots, seq[:, self.slot_offset:]], dim=1)
 
     def _route(self, layer, tokens):
         """tokens (B, T, D) entering block `layer` -> the block's mixed prompt (B, P, D), in their dtype."""
@@ -357,7 +374,7 @@ class MEPT(nn.Module):
         if self._calibrating:  # the probe in __init__: start this pool at the scale of its block's tokens
             pool.mul_(tokens.float().norm(dim=-1).median() / pool.norm(dim=-1).median())
         # replace the slots, never concatenate: the length, the masks and T5's position bias stay valid
-        hidden = self._insert(tokens, self._route(layer, tokens))  # (B, P+T, D)
+        hidden = insert_slots(self.slot_offset, tokens, self._route(layer, tokens))  # (B, P+T, D)
         return ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
 
     def _check_call(self, kwargs):

@@ -64,9 +64,10 @@ def run(model, family, ids, mask, **kwargs):
 
 
 def mept(family, seed=0, **cfg):
+    """MEPT on a tiny backbone, its experts started apart (same_start=False) so that a test can tell them apart."""
     backbone = tiny_backbone(family)
     torch.manual_seed(seed)
-    return MEPT(backbone, MEPTConfig(**(dict(n_experts=E, prompt_len=P, top_k=K) | cfg))).eval()
+    return MEPT(backbone, MEPTConfig(**(dict(n_experts=E, prompt_len=P, top_k=K, same_start=False) | cfg))).eval()
 
 
 def batch(seed=1, b=B, t=T):
@@ -519,7 +520,8 @@ def test_a_deep_copy_routes_with_its_own_prompts(tmp_path):
     (dict(layers=[1, 2]), "layers must be block indices that include 0"),
     (dict(layers=[0, -1]), "layers must be block indices"),
     (dict(layers=[0, 0.7]), "layers must be block indices"),
-    (dict(init="zeros"), "init must be 'vocab' or 'random'"),
+    (dict(init="zeros"), "init must be one of"),
+    (dict(noise_form="multiplicative"), "noise_form must be one of"),
 ])
 def test_bad_configs_raise_a_helpful_error(kwargs, message):
     with pytest.raises(ValueError, match=message):

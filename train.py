@@ -80,6 +80,9 @@ def build_parser():
     flag("--top_k", type=int, default=None, help="K, experts mixed per input and block (1)")
     flag("--layers", default=None, help="blocks that route: 'all' or a comma list with 0 (preset)")
     flag("--router_noise", type=float, default=None, help="sigma of the router noise, 0 = off (1.0)")
+    flag("--noise_form", choices=["additive", "paper"], default=None, help="the router noise: logits + sigma*eps "
+         "(additive), or the paper's logits * (1 + sigma*eps), which flips a sure router as often as an unsure one")
+    flag("--same_start", action=argparse.BooleanOptionalAction, default=None, help="a block's experts start alike")
     flag("--shared_expert", action=argparse.BooleanOptionalAction, default=None, help="a shared expert (preset)")
     flag("--balance_coef", type=float, default=None, help="weight of the load-balancing loss (0.0)")
     flag("--init", choices=["vocab", "random"], default=None, help="the experts' init (vocab)")
