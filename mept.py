@@ -192,8 +192,13 @@ class ExpertPrompts(nn.Module):
 
 def load_balancing_loss(routing, n_experts):
     """Switch Transformer's E * sum_e f_e * P_e: 1 for an even load, up to E when collapsed. f_e, the
-    share of the B*K choices that went to e, carries no gradient; P_e, the mean probability of e, does."""
+    share of the B*K choices that went to e, carries no gradient; P_e, the mean probability of e, does.
+    Under torchrun f_e is the whole batch's (equal shares per process): with DDP averaging the gradients of
+    the processes' P_e, the term then equals one process's on the whole batch."""
     share = F.one_hot(routing.expert_idx.flatten(), n_experts).float().mean(0)  # (E,): f_e
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(share)  # the sum of the processes' shares; divided by their count below
+        share = share / torch.distributed.get_world_size()  # (E,)
     return n_experts * (share * routing.probs.float().mean(0)).sum()  # scalar
 
 
@@ -324,8 +329,9 @@ class MEPT(nn.Module):
             out = self.backbone(**self._prompted(input_ids, attention_mask, kwargs))
         finally:
             self._token_mask = None  # the hooks act only inside this call
-        losses = [load_balancing_loss(r, self.config.n_experts) for r in self.routing.values()]
-        self.aux_loss = self.config.balance_coef * torch.stack(losses).mean()  # scalar, 0 when off
+        coef, losses = self.config.balance_coef, [load_balancing_loss(r, self.config.n_experts) for r in
+                                                  self.routing.values()] if self.config.balance_coef else []
+        self.aux_loss = coef * torch.stack(losses).mean() if losses else torch.zeros(())  # scalar, 0 when off
         return out
 
     def _prompted(self, input_ids, attention_mask, kwargs):
