@@ -6,7 +6,7 @@ A pretrained transformer stays frozen. P prompt *slots* sit in its input sequenc
 of every chosen block a linear *router* reads the hidden states of the real tokens, picks the top-K
 of E prompt *experts* (each P x D), mixes them (plus an always-on shared expert) and writes the
 mixture into the slots. Different inputs take different experts at different depths: a *pathway*.
-Only the experts, the routers and (where the backbone needs one) a task head are trained.
+Only the experts, the routers and a task head the backbone holds (BERT's classifier, say) train.
 
 Supported backbones, each covered by test_mept.py:
     seq2seq        T5 (v1.0, v1.1, mT5, Flan-T5): the encoder's blocks; the decoder is untouched
@@ -154,7 +154,7 @@ def gather_experts(expert_pool, expert_idx, gate):
     expert_rows = expert_pool.reshape(n_experts, prompt_len * d_model)  # (E, P*D): row e = expert e
     picked = expert_rows.index_select(0, expert_idx.reshape(-1))  # (B*K, P*D): entry b*K+k = idx[b, k]
     picked = picked.view(batch, top_k, prompt_len * d_model)  # (B, K, P*D)
-    weights = gate.unsqueeze(1).to(picked.dtype)  # (B, 1, K): fp32 gates meet a half-precision pool
+    weights = gate.unsqueeze(1).to(picked.dtype)  # (B, 1, K): float32 gates take the pool's dtype
     mixed = torch.bmm(weights, picked)  # (B, 1, K) @ (B, K, P*D) -> (B, 1, P*D): the sum over k
     return mixed.view(batch, prompt_len, d_model)  # (B, P, D)
 
@@ -170,7 +170,7 @@ class ExpertPrompts(nn.Module):
     def __init__(self, config, embed):  # embed: the backbone's token embedding table, (vocabulary, D)
         super().__init__()
         # init: sampled rows of the vocabulary (Lester et al.; PEFT's SAMPLE_VOCAB), or N(0, 1), which lies
-        # far off the embedding manifold. MEPT's probe then rescales the pools of the deeper blocks.
+        # far off the embedding manifold. With "vocab", MEPT's probe rescales the deeper blocks' pools.
         # same_start: all E experts start as one copy (as sparse upcycling starts experts from one dense layer),
         # so an early flip of the router swaps nothing; they part as their inputs' gradients differ
         E, P = config.n_experts, config.prompt_len
@@ -265,6 +265,11 @@ class MEPT(nn.Module):
         # where the slots sit: an encoder's head reads position 0 ([CLS]), so the slots
         # go right after it; in seq2seq and decoder-only models they lead the sequence
         self.slot_offset = 1 if self.family == "encoder" else 0
+        # a learned position table (BERT's, GPT-2's; RoBERTa's counts from padding_idx + 1) caps the length
+        table = [m for m in backbone.modules() if isinstance(m, nn.Embedding) and m is not embed and
+                 m.num_embeddings == getattr(backbone.config, "max_position_embeddings", None)]
+        self.max_positions = table[0].num_embeddings - (table[0].padding_idx + 1 if table[0].padding_idx is not None
+                                                        else 0) if table else None  # rotary, relative: no cap
         self._was_trainable = {n: p.requires_grad for n, p in backbone.named_parameters()}
         self._was_training, self._removed, self._calibrating = backbone.training, False, False
         self._token_mask, self.routing, self.aux_loss = None, {}, torch.zeros(())
@@ -278,7 +283,11 @@ class MEPT(nn.Module):
         except Exception:
             self.remove()  # a refused backbone is left as it was
             raise
-        backbone.requires_grad_(False)  # the pretrained manifold stays fixed
+        backbone.requires_grad_(False)  # the pretrained manifold stays fixed, but for a task head it holds:
+        # what lies outside its base model, unless it projects onto the vocabulary (a language model's head)
+        base = {id(p) for p in backbone.base_model.parameters()}
+        for p in [] if backbone.get_output_embeddings() is not None else backbone.parameters():
+            p.requires_grad_(id(p) not in base)  # as PEFT's modules_to_save: BERT's classifier, Llama's score
 
     @torch.no_grad()
     def _probe(self):
@@ -341,8 +350,17 @@ class MEPT(nn.Module):
         self._check_call(kwargs)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)  # (B, T)
-        B, P = input_ids.shape[0], self.config.prompt_len
-        self.routing, self._token_mask = {}, attention_mask
+        (B, T), P = input_ids.shape, self.config.prompt_len
+        if self.max_positions and T + P > self.max_positions:  # else an index error deep inside the model
+            raise ValueError(f"{T} tokens and {P} prompt slots exceed the {self.max_positions} positions of "
+                             f"{type(self.backbone).__name__}; give at most {self.max_positions - P} tokens.")
+        labels = kwargs.get("labels") if self.family != "seq2seq" else None  # (T5's labels are its decoder's)
+        per_token = labels is not None and labels.shape == input_ids.shape and not labels.is_floating_point()
+        # a causal LM's labels are its next tokens: its routers read only the tokens that no loss predicts (-100,
+        # and the first, which nothing predicts), as generate() reads the prompt: a choice never sees the answer
+        unscored = labels == -100 if per_token and self.family == "decoder" else torch.ones_like(input_ids).bool()
+        unscored[:, 0] = True  # (B, T)
+        self.routing, self._token_mask = {}, attention_mask * unscored  # (B, T): the tokens the routers read
         insert = functools.partial(insert_slots, self.slot_offset)  # (seq, slots) -> the slots at s .. s+P-1
         embeds = self.backbone.get_input_embeddings()(input_ids)  # (B, T, D)
         kwargs["inputs_embeds"] = insert(embeds, self._route(0, embeds))  # (B, P+T, D)
@@ -351,8 +369,7 @@ class MEPT(nn.Module):
             kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, P+T)
         if kwargs.get("token_type_ids") is not None:  # the slots are segment 0
             kwargs["token_type_ids"] = insert(kwargs["token_type_ids"], kwargs["token_type_ids"].new_zeros(B, P))
-        labels = kwargs.get("labels") if self.family != "seq2seq" else None  # (T5's labels are its decoder's)
-        if labels is not None and labels.shape == input_ids.shape and not labels.is_floating_point():
+        if per_token:
             kwargs["labels"] = insert(labels, labels.new_full((B, P), -100))  # (B, P+T): slots never scored
         return kwargs
 
@@ -420,8 +437,9 @@ class MEPT(nn.Module):
         tensors = {n: p.detach().contiguous().cpu() for n, p in self.named_parameters() if p.requires_grad}
         save_file(tensors, path + ".tmp", metadata={"mept_config": config, "family": self.family})
         os.replace(path + ".tmp", path)
-        with open(os.path.join(directory, "mept_config.json"), "w") as f:
+        with open(os.path.join(directory, "mept_config.json.tmp"), "w") as f:
             f.write(config)
+        os.replace(os.path.join(directory, "mept_config.json.tmp"), os.path.join(directory, "mept_config.json"))
 
     @classmethod
     def from_pretrained(cls, backbone, directory):
@@ -462,6 +480,8 @@ class MEPT(nn.Module):
         key/value cache (the hooks skip calls shorter than P+T). Routing follows the input only. Pad a
         decoder's batch on the left, as generation needs, and give max_new_tokens (a decoder's
         max_length would count the P slots as part of the input)."""
+        if kwargs.get("use_cache") is False and self.family == "decoder":
+            raise ValueError("MEPT writes a decoder's slots once and decodes from the key/value cache; drop use_cache.")
         try:
             inputs = self._prompted(input_ids, attention_mask, kwargs)
             inputs.pop("position_ids", None)  # generate() numbers each step's positions from the mask itself

@@ -304,6 +304,117 @@ def test_router_noise_acts_only_in_training_and_is_seeded():
         torch.testing.assert_close(model.routing[i].probs, probs, msg="sigma = 0 must turn the noise off")
 
 
+def noisy_choice_changes(form, scale, draws=100):
+    """(mean top-1 probability, share of noisy training choices that differ from the evaluation choice) of a
+    Router whose weights are scaled by `scale`: the larger the scale, the surer the router. form None: the default."""
+    torch.manual_seed(0)
+    router = mept_module.Router(D, MEPTConfig(n_experts=E, top_k=1, **({"noise_form": form} if form else {})))
+    router.proj.weight.data.mul_(scale)
+    hidden, mask = torch.randn(64, T, D), torch.ones(64, T)
+    chosen = router.eval()(hidden, mask)[1]
+    flips = [(router.train()(hidden, mask)[1].expert_idx != chosen.expert_idx).float().mean() for _ in range(draws)]
+    return chosen.probs.max(-1).values.mean().item(), torch.stack(flips).mean().item()
+
+
+def test_default_router_noise_explores_while_unsure_and_follows_a_sure_router():
+    """The contract: once the router is sure (mean top-1 probability >= 0.99) its noisy choice is its evaluation
+    choice in >= 98% of draws, while an unsure router's choices still change. The paper's multiplicative noise
+    flips as often however sure the router is (the top-1 of c*z*(1 + eps) is that of z*(1 + eps) for c > 0)."""
+    scale = next(2 ** i for i in range(20) if noisy_choice_changes(None, 2 ** i, draws=1)[0] >= 0.99)
+    sure, changes = noisy_choice_changes(None, scale)
+    unsure, exploring = noisy_choice_changes(None, 1)
+    assert unsure < 0.5 and exploring > 0.3, f"an unsure router ({unsure:.2f}) should explore, changed {exploring:.2f}"
+    assert changes <= 0.02, f"a sure router ({sure:.3f}) should be followed, but noise changed {changes:.3f}"
+    paper_unsure, paper_sure = noisy_choice_changes("paper", 1)[1], noisy_choice_changes("paper", scale)[1]
+    assert paper_sure > 0.3 and abs(paper_sure - paper_unsure) < 0.02, "the paper's noise should not calm down"
+
+
+def test_a_sure_deep_decoder_trains_on_its_evaluation_pathway():
+    """Depth: over L routed blocks an input trains on the pathway it is evaluated on with probability about
+    (1 - changes)^L. A 24-block decoder whose routers are sure: most inputs keep their whole pathway under the
+    default noise; under the paper's noise none do (0.64^24 < 1e-4). (The fit on SmolLM2's 30 blocks is in the
+    README's results: no tiny random decoder here lets any prompt method fit a task within seconds.)"""
+    torch.manual_seed(0)
+    deep = tf.LlamaModel(tf.LlamaConfig(**(COMMON | dict(num_hidden_layers=24)), num_key_value_heads=1)).eval()
+    ids, mask = batch(b=32)
+    kept = {}
+    for form in ("default", "paper"):
+        config = dict(n_experts=E, prompt_len=P, top_k=1) | ({"noise_form": form} if form == "paper" else {})
+        model = MEPT(copy.deepcopy(deep), MEPTConfig(**config))
+        for prompts in model.prompts.values():
+            prompts.router.proj.weight.data.mul_(1000)  # sure routers
+        with torch.no_grad():
+            model.eval()(ids, mask)
+            evaluated = torch.cat([r.expert_idx for r in model.routing.values()], 1)  # (B, 24)
+            sure = torch.stack([r.probs.max(-1).values.mean() for r in model.routing.values()]).mean()
+            model.train()(ids, mask)
+            noisy = torch.cat([r.expert_idx for r in model.routing.values()], 1)  # (B, 24)
+        kept[form] = (noisy == evaluated).all(1).float().mean().item()
+        assert sure >= 0.99, f"the routers should be sure, their mean top-1 probability is {sure:.3f}"
+    # the contract's 98% per block gives at least 0.98^24 = 0.62 of whole pathways
+    assert kept["default"] >= 0.98 ** 24 and kept["paper"] == 0.0, f"inputs on their evaluation pathway: {kept}"
+
+
+def test_a_blocks_experts_start_alike_by_default_and_apart_when_asked():
+    """same_start: the E experts of a block start as one copy, so an early flip of the router swaps nothing."""
+    alike, apart = mept("bert", same_start=True), mept("bert", same_start=False)
+    for i in alike.layers:
+        pool = alike.prompts[str(i)].expert_pool
+        assert torch.equal(pool, pool[:1].expand_as(pool)), f"block {i}: the experts should start as one copy"
+        pool = apart.prompts[str(i)].expert_pool
+        assert not torch.equal(pool[0], pool[1]), f"block {i}: same_start=False should start the experts apart"
+
+
+def test_the_router_learns_from_the_task_at_k1_through_the_unnormalised_gate():
+    """K = 1, no balance term, no noise: the only path to the router is the gate, the chosen expert's probability.
+    A gate renormalised over the K would be the constant 1 and leave every router without gradient."""
+    model = mept("bert", top_k=1, router_noise=0.0).train()
+    ids, mask = batch()
+    run(model, "bert", ids, mask).pow(2).mean().backward()
+    for i in model.layers:
+        routing = model.routing[i]
+        grad = model.prompts[str(i)].router.proj.weight.grad
+        assert grad is not None and grad.abs().sum() > 0, f"block {i}: the router got no gradient at K = 1"
+    gate, idx, probs = mept_module.top_k_gate(torch.randn(B, E), 1)
+    torch.testing.assert_close(gate, probs.gather(1, idx), msg="the gate is the chosen expert's probability")
+    assert (gate < 1).all(), "the gate must not be renormalised to 1"
+
+
+HEADS = {"bert": lambda: tf.BertForSequenceClassification(tf.BertConfig(**COMMON, **NO_DROPOUT, num_labels=3)),
+         "llama": lambda: tf.LlamaForSequenceClassification(tf.LlamaConfig(**COMMON, num_key_value_heads=1,
+                                                                           num_labels=3, pad_token_id=0))}
+
+
+@pytest.mark.parametrize("family", HEADS)
+def test_a_head_inside_the_backbone_trains_is_counted_saved_and_restored(family, tmp_path):
+    """A new user's natural call: MEPT on BertForSequenceClassification. Its classifier (Llama's score) must train
+    with the prompts, as PEFT's modules_to_save; the rest of the backbone stays frozen."""
+    torch.manual_seed(0)
+    pretrained = HEADS[family]().eval()
+    fresh = copy.deepcopy(pretrained)  # the same pretrained weights, its head untrained, to load onto
+    model = MEPT(pretrained, MEPTConfig(n_experts=E, prompt_len=P, top_k=K)).train()
+    head = {n: p.clone() for n, p in model.backbone.named_parameters() if p.requires_grad}
+    assert head and all(not n.startswith(model.backbone.base_model_prefix) for n in head), f"head: {list(head)}"
+    assert f"trainable params: {sum(p.numel() for p in model.parameters() if p.requires_grad):,d}" in \
+        model.trainable_parameters_line(), "the head should be counted"
+    optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(*batch(), labels=torch.tensor([0, 1, 2, 0, 1])).loss.backward()
+    optimiser.step()
+    assert all(not torch.equal(model.backbone.get_parameter(n), p) for n, p in head.items()), "the head did not move"
+    model.eval().save_pretrained(tmp_path)
+    expected = model(*batch()).logits
+    loaded = MEPT.from_pretrained(fresh, tmp_path).eval()
+    torch.testing.assert_close(loaded(*batch()).logits, expected, msg="a reload should give the same outputs")
+
+
+def test_a_language_models_vocabulary_head_stays_frozen():
+    """A causal LM's output projection (tied or not) is no task head: nothing of the backbone trains."""
+    for tied in (True, False):
+        lm = tf.LlamaForCausalLM(tf.LlamaConfig(**COMMON, num_key_value_heads=1, tie_word_embeddings=tied))
+        model = MEPT(lm, MEPTConfig(n_experts=E, prompt_len=P, top_k=K))
+        assert not any(p.requires_grad for p in model.backbone.parameters()), f"tied={tied}: the LM head trains"
+
+
 def test_different_inputs_can_take_different_pathways():
     """The point of the paper: routing depends on the input."""
     model = mept("bert", n_experts=8, top_k=1)
@@ -391,6 +502,39 @@ def test_segment_ids_and_token_labels_get_an_entry_per_slot():
                                                            problem_type="multi_label_classification"))
     multi_out = MEPT(multi, MEPTConfig(n_experts=E, prompt_len=P, top_k=K))(ids, mask, labels=torch.ones(B, T))
     assert multi_out.loss.isfinite()
+
+
+def test_a_decoders_routing_never_reads_the_tokens_it_is_scored_on():
+    """Causal LM training on prompt + answer: the routers read the unscored tokens only, so changing the answer
+    leaves the routing unchanged, and training routes as generate() does on the prompt alone."""
+    torch.manual_seed(0)
+    model = MEPT(tf.LlamaForCausalLM(tf.LlamaConfig(**COMMON, num_key_value_heads=1)).eval(),
+                 MEPTConfig(n_experts=E, prompt_len=P, top_k=K)).eval()
+    prompt, _ = batch(b=2, t=5)
+    answers = [torch.randint(3, VOCAB, (2, 3), generator=torch.Generator().manual_seed(s)) for s in (7, 8)]
+    routed = []
+    for answer in answers:
+        ids = torch.cat([prompt, answer], 1)  # (2, 8)
+        labels = torch.cat([torch.full_like(prompt, -100), answer], 1)  # (2, 8): only the answer is scored
+        with torch.no_grad():
+            model(ids, labels=labels)
+        routed.append({i: r.probs for i, r in model.routing.items()})
+    model.generate(prompt, max_new_tokens=1, pad_token_id=0)
+    for i in model.layers:
+        torch.testing.assert_close(routed[0][i], routed[1][i], msg=f"block {i}: the answer moved the router")
+        torch.testing.assert_close(routed[0][i], model.routing[i].probs, msg=f"block {i}: unlike generate()")
+
+
+def test_the_slots_of_a_bert_pair_are_segment_zero_after_cls():
+    """BERT pair: [CLS] a [SEP] b [SEP] with segment ids 0...0 1...1; the slots sit right after [CLS] as segment 0."""
+    model = mept("bert")
+    seen = {}
+    model.backbone.register_forward_pre_hook(lambda _, args, kwargs: seen.update(kwargs), with_kwargs=True)
+    ids, mask = batch()
+    types = torch.tensor([0, 0, 0, 1, 1, 1, 1]).repeat(B, 1)  # (B, T)
+    model(ids, mask, token_type_ids=types)
+    expected = torch.cat([types[:, :1], torch.zeros(B, P, dtype=torch.long), types[:, 1:]], 1)  # (B, P+T)
+    assert torch.equal(seen["token_type_ids"], expected), "the slots should be segment 0, right after [CLS]"
 
 
 def test_gradient_checkpointing_gives_the_same_gradients_or_is_refused():
@@ -483,6 +627,14 @@ def test_remove_restores_the_backbone_exactly(family):
         model(ids, mask)
 
 
+def test_remove_restores_train_or_eval_mode():
+    for training in (True, False):
+        backbone = tiny_backbone("bert").train(training)
+        model = MEPT(backbone, MEPTConfig(n_experts=E, prompt_len=P, top_k=K)).train(not training)
+        model.remove()
+        assert all(m.training == training for m in backbone.modules()), f"mode not restored to training={training}"
+
+
 def test_the_backbone_called_directly_while_attached_is_untouched():
     """The hooks act only inside MEPT.forward; calling the backbone itself gives its own output."""
     backbone = tiny_backbone("bert")
@@ -543,6 +695,23 @@ def test_what_the_hooks_cannot_serve_is_refused_in_one_sentence():
         llama(*batch(), past_key_values=object())
     with pytest.raises(ValueError, match="fails on 16 random tokens behind 64 slots.*positions"):
         MEPT(tiny_backbone("gpt2"), MEPTConfig(prompt_len=64))  # GPT-2 here numbers 64 positions
+    with pytest.raises(ValueError, match="use_cache"):
+        llama.generate(*batch(), max_new_tokens=2, use_cache=False)
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "roberta", "llama"])
+def test_inputs_too_long_for_a_learned_position_table_are_refused_in_one_sentence(family):
+    """BERT and GPT-2 learn a table of 64 positions here (RoBERTa's counts from padding_idx + 1: 62 fit); tokens
+    plus slots beyond it are refused, saying how many fit. Rotary Llama may run longer, as transformers allows."""
+    model = mept(family)
+    fit = {"roberta": 62 - P}.get(family, 64 - P)
+    ids = torch.randint(3, VOCAB, (2, fit + 1))
+    assert model(ids[:, :fit]).last_hidden_state.shape == (2, P + fit, D)
+    if family == "llama":
+        assert model(ids).last_hidden_state.shape == (2, P + fit + 1, D)
+    else:
+        with pytest.raises(ValueError, match=f"exceed the .* positions of .*; give at most {fit} tokens"):
+            model(ids)
 
 
 def unsupported(kind):
@@ -608,6 +777,16 @@ def test_balance_loss_is_smallest_for_a_uniform_load():
     losses = [load_balancing_loss(r, E).item() for r in (uniform, skewed, collapsed)]
     assert losses[0] == pytest.approx(1.0), f"a uniform load should cost exactly 1, got {losses[0]}"
     assert losses[0] < losses[1] < losses[2], f"the loss should grow with imbalance: {losses}"
+
+
+def test_balance_loss_equals_a_hand_computation_that_counts_the_choices():
+    """E * sum_e f_e * P_e on a small table: f = the share of choices (2/4, 1/4, 1/4, 0), P = the mean probability.
+    A loss that ignored the choices (E * sum P_e^2, say) would give another number."""
+    idx = torch.tensor([[0], [0], [1], [2]])
+    probs = torch.tensor([[0.7, 0.1, 0.1, 0.1], [0.4, 0.4, 0.1, 0.1], [0.2, 0.5, 0.2, 0.1], [0.1, 0.1, 0.6, 0.2]])
+    f, mean_p = [2 / 4, 1 / 4, 1 / 4, 0], [1.4 / 4, 1.1 / 4, 1.0 / 4, 0.5 / 4]
+    hand = 4 * sum(a * b for a, b in zip(f, mean_p))  # 4 * (0.175 + 0.06875 + 0.0625) = 1.225
+    assert load_balancing_loss(Routing(idx, probs), 4).item() == pytest.approx(hand)
 
 
 def test_aux_loss_is_zero_when_off_and_trains_the_router_when_on():
