@@ -2,11 +2,11 @@
 MEPT: Mixture of Expert Prompt Tuning as a Manifold Mapper (Zeng et al., EMNLP 2025,
 https://arxiv.org/abs/2509.00996), in one file read top to bottom.
 
-A pretrained transformer stays frozen. P prompt *slots* sit in its input sequence. At the entrance
-of every chosen block a linear *router* reads the hidden states of the real tokens, picks the top-K
-of E prompt *experts* (each P x D), mixes them (plus an always-on shared expert) and writes the
-mixture into the slots. Different inputs take different experts at different depths: a *pathway*.
-Only the experts, the routers and a task head the backbone holds (BERT's classifier, say) train.
+A pretrained transformer stays frozen. P prompt *slots* sit in its input sequence. At the entrance of every chosen block
+a linear *router* reads the hidden states of the real tokens, picks the top-K of E prompt *experts* (each P x D), mixes
+them (plus an always-on shared expert) and writes the mixture into the slots. Different inputs take different experts
+at different depths: a *pathway*. Only the experts, the routers and a task head the backbone holds (BERT's classifier)
+train.
 
 Supported backbones, each covered by test_mept.py:
     seq2seq        T5 (v1.0, v1.1, mT5, Flan-T5): the encoder's blocks; the decoder is untouched
@@ -16,11 +16,6 @@ Any other model either runs through the same code or is refused, when MEPT is bu
 
 Shapes:    B batch   T tokens (padding included; the mask marks the real ones)   L blocks
            E n_experts   K top_k   P prompt_len   D d_model, the width of the hidden states
-Glossary:  ours         PEFT                 official MEPT code
-           prompt_len   num_virtual_tokens   num_virtual_tokens
-           n_experts    -                    n_routes
-           top_k        -                    topk
-           d_model      token_dim            d_model
 """
 
 import functools
@@ -70,7 +65,8 @@ class MEPTConfig:
                              f"got {counts}.")
         if any(type(v) not in (int, float) or not math.isfinite(v) or v < 0 for v in weights):
             raise ValueError(f"router_noise and balance_coef must be finite numbers >= 0 (0 = off), got {weights}.")
-        for name, allowed in (("init", ("vocab", "random")), ("noise_form", ("additive", "paper"))):
+        for name, allowed in (("init", ("vocab", "random")), ("noise_form", ("additive", "paper")),
+                              ("same_start", (True, False)), ("shared_expert", (True, False))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
         # block 0's prompt is inserted with the tokens: without block 0 there would be no slots
@@ -114,13 +110,12 @@ class Router(nn.Module):
         self.top_k, self.noise, self.noise_form = config.top_k, config.router_noise, config.noise_form
 
     def forward(self, hidden, mask):  # hidden (B, T, D), mask (B, T) -> gate (B, K), Routing
-        summary = summarize(hidden, mask)  # (B, D)
-        logits = self.proj(summary.to(self.proj.weight.dtype)).float()  # (B, E): logits = W_l s
+        logits = self.proj(summarize(hidden, mask).to(self.proj.weight.dtype)).float()  # (B, E): W_l s, s (B, D)
         if self.training and self.noise > 0:  # eps ~ N(0, 1), drawn anew per input; no gradient flows into it
-            # additive (Shazeer et al. 2017): a jitter of fixed size changes the top-1 only while its margin is
-            # small, so a sure router is followed. The paper's (SMoP's) logits * (1 + sigma * eps) changes it as
-            # often however sure the router is: the top-1 of c*z*(1 + sigma*eps) is that of z*(1 + sigma*eps) for
-            # every c > 0, and over L blocks an input trains on its own path only (1 - flips)^L of the time
+            # additive (Shazeer et al. 2017): a jitter of fixed size flips the top-1 only while its margin is small,
+            # so a sure router is followed. The paper's (SMoP's) logits * (1 + sigma*eps) flips it as often however
+            # sure: for c > 0 the top-1 of c*z*(1 + sigma*eps) is that of z*(1 + sigma*eps). Over L blocks an input
+            # then trains on its own pathway (1 - flips)^L of the time: never, on a 30-block decoder
             scale = logits.detach() if self.noise_form == "paper" else 1.0  # the official code: sigma^2, same at 1
             logits = logits + self.noise * torch.randn_like(logits) * scale  # (B, E)
         gate, expert_idx, probs = top_k_gate(logits, self.top_k)  # (B, K), (B, K), (B, E)
@@ -134,20 +129,18 @@ def gather_experts(expert_pool, expert_idx, gate):
 
     expert_pool (E, P, D), expert_idx (B, K) long, gate (B, K) -> mixed_prompt (B, P, D).
 
-    In memory the pool is E*P rows of length D, and slot p of expert e is row e*P + p. The P rows
-    of expert e (e*P ... e*P + P-1) are one contiguous run: row e of the pool viewed as (E, P*D).
-    So ONE index_select fetches every example's K experts whole, and ONE batched matrix product,
-    the gates as a (B, 1, K) row times the fetched (B, K, P*D), weights them and sums over k. The
-    same lines serve K = 1 and K > 1: no Python loop over B or K, no special case.
+    Slot p of expert e is row e*P + p of the pool's E*P rows, so the P rows of expert e are one contiguous
+    run: row e of the pool viewed as (E, P*D). ONE index_select fetches every example's K experts whole, and
+    ONE batched matrix product (the gates as a (B, 1, K) row times the fetched (B, K, P*D)) weights them and
+    sums over k. The same lines serve K = 1 and K > 1: no Python loop over B or K, no special case.
 
     Worked by hand: E=3, P=2, so the flat rows are [e0p0, e0p1, e1p0, e1p1, e2p0, e2p1].
       expert_idx = [[2, 0]], gate = [[0.7, 0.2]]                  (B=1, K=2)
       flat rows e*P+p = [[4, 5], [0, 1]], i.e. rows 2 and 0 of the (E, P*D) view
       picked          = [[e2p0 e2p1], [e0p0 e0p1]]                (1, 2, P*D)
       mixed_prompt[0] = 0.7 * [e2p0 e2p1] + 0.2 * [e0p0 e0p1]      (1, P*D), reshaped to (1, P, D)
-    Oracle: test_gather_matches_per_example_loop (a double loop; values and gradients).
-    It copies B*K*P*D numbers whatever E is; a dense mixture over all experts does B*E*P*D
-    multiply-adds (experiments/bench_gather.py times both).
+    Oracle: test_gather_matches_per_example_loop (a double loop). It copies B*K*P*D numbers whatever E
+    is; a dense mixture over all experts does B*E*P*D multiply-adds (experiments/bench_gather.py).
     """
     n_experts, prompt_len, d_model = expert_pool.shape  # E, P, D
     batch, top_k = expert_idx.shape  # B, K
@@ -169,10 +162,9 @@ def insert_slots(offset, seq, slots):
 class ExpertPrompts(nn.Module):
     def __init__(self, config, embed):  # embed: the backbone's token embedding table, (vocabulary, D)
         super().__init__()
-        # init: sampled rows of the vocabulary (Lester et al.; PEFT's SAMPLE_VOCAB), or N(0, 1), which lies
-        # far off the embedding manifold. With "vocab", MEPT's probe rescales the deeper blocks' pools.
-        # same_start: all E experts start as one copy (as sparse upcycling starts experts from one dense layer),
-        # so an early flip of the router swaps nothing; they part as their inputs' gradients differ
+        # init: sampled vocabulary rows (Lester et al.; PEFT's SAMPLE_VOCAB; MEPT's probe rescales the deeper
+        # pools), or N(0, 1), far off the embedding manifold. same_start: the E experts start as one copy (as
+        # sparse upcycling starts experts from one dense layer): an early flip of the router swaps nothing
         E, P = config.n_experts, config.prompt_len
         pick = torch.randint(0, embed.num_embeddings, ((1 if config.same_start else E) * P,))  # (P,) or (E*P,)
         rows = embed.weight.detach()[pick.to(embed.weight.device)].float()  # (P or E*P, D)
@@ -185,20 +177,16 @@ class ExpertPrompts(nn.Module):
     def forward(self, hidden, mask):  # (B, T, D), (B, T) -> (B, P, D), Routing
         gate, routing = self.router(hidden, mask)  # (B, K), Routing
         mixed_prompt = gather_experts(self.expert_pool, routing.expert_idx, gate)  # (B, P, D)
-        if self.shared is not None:
-            mixed_prompt = mixed_prompt + self.shared  # (B, P, D)
-        return mixed_prompt, routing
+        return mixed_prompt + (0 if self.shared is None else self.shared), routing  # (B, P, D): + the shared one
 
 
 def load_balancing_loss(routing, n_experts):
     """Switch Transformer's E * sum_e f_e * P_e: 1 for an even load, up to E when collapsed. f_e, the
     share of the B*K choices that went to e, carries no gradient; P_e, the mean probability of e, does.
-    Under torchrun f_e is the whole batch's (equal shares per process): with DDP averaging the gradients of
-    the processes' P_e, the term then equals one process's on the whole batch."""
+    Under torchrun f_e is the whole batch's, so that with DDP's averaged gradients it equals one process."""
     share = F.one_hot(routing.expert_idx.flatten(), n_experts).float().mean(0)  # (E,): f_e
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(share)  # the sum of the processes' shares; divided by their count below
-        share = share / torch.distributed.get_world_size()  # (E,)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():  # the mean of equal shares
+        torch.distributed.all_reduce(share.div_(torch.distributed.get_world_size()))  # (E,)
     return n_experts * (share * routing.probs.float().mean(0)).sum()  # scalar
 
 
@@ -213,9 +201,8 @@ INPUT_ONLY = "use layers=[0] (input-only prompts) with this model"
 
 
 def find_blocks(backbone):
-    """(parent, blocks): among the nn.ModuleLists of identical modules (in seq2seq, inside the encoder)
-    the one holding the most parameters: T5's encoder.block, BERT's encoder.layer, GPT-2's h, Llama's
-    layers. The parent is returned too, for the check that no sibling list splits each layer."""
+    """(parent, blocks): the nn.ModuleList of identical modules with the most parameters (T5's encoder.block,
+    BERT's encoder.layer, GPT-2's h, Llama's layers); the parent, to check that no sibling list splits a layer."""
     root = backbone.get_encoder() if backbone.config.is_encoder_decoder else backbone
     lists = [(parent, child) for parent in root.modules() for child in parent.children()
              if isinstance(child, nn.ModuleList) and len(child) and len({type(b) for b in child}) == 1]
@@ -247,7 +234,6 @@ class MEPT(nn.Module):
         self.config, self.backbone, name = config or MEPTConfig(), backbone, type(backbone).__name__
         self.family, (parent, self.blocks) = backbone_family(backbone), find_blocks(backbone)
         self.layers = self.config.layers or list(range(len(self.blocks)))
-        # the generic checks that need no forward pass (the rest are in _probe)
         n_layers = getattr(backbone.config, "num_hidden_layers", len(self.blocks))
         parallel = [c for c in parent.children() if isinstance(c, nn.ModuleList) and len(c) == len(self.blocks)]
         try:
@@ -262,19 +248,18 @@ class MEPT(nn.Module):
             # one block run again and again (shared weights), or each layer split over parallel lists
             raise UnsupportedBackbone(f"{name} has no one module per layer to hook ({len(self.blocks)} blocks in "
                                       f"{len(parallel)} parallel lists for {n_layers} layers); {INPUT_ONLY}.")
-        # where the slots sit: an encoder's head reads position 0 ([CLS]), so the slots
-        # go right after it; in seq2seq and decoder-only models they lead the sequence
+        # an encoder's head reads position 0 ([CLS]): its slots go right after it; elsewhere they lead
         self.slot_offset = 1 if self.family == "encoder" else 0
-        # a learned position table (BERT's, GPT-2's; RoBERTa's counts from padding_idx + 1) caps the length
-        table = [m for m in backbone.modules() if isinstance(m, nn.Embedding) and m is not embed and
-                 m.num_embeddings == getattr(backbone.config, "max_position_embeddings", None)]
-        self.max_positions = table[0].num_embeddings - (table[0].padding_idx + 1 if table[0].padding_idx is not None
-                                                        else 0) if table else None  # rotary, relative: no cap
+        # a learned position table (BERT's, GPT-2's; RoBERTa's from padding_idx + 1) caps the length; rotary: no
+        n_positions = getattr(backbone.config, "max_position_embeddings", None)
+        table = next((m for m in backbone.modules() if isinstance(m, nn.Embedding) and m is not embed and
+                      m.num_embeddings == n_positions), None)
+        self.max_positions = table and table.num_embeddings - (0 if table.padding_idx is None else table.padding_idx + 1)
         self._was_trainable = {n: p.requires_grad for n, p in backbone.named_parameters()}
         self._was_training, self._removed, self._calibrating = backbone.training, False, False
         self._token_mask, self.routing, self.aux_loss = None, {}, torch.zeros(())
         self.prompts = nn.ModuleDict({str(i): ExpertPrompts(self.config, embed) for i in self.layers})
-        # block 0 routes in forward(); every later block in a removable forward pre-hook (a bound
+        # block 0 routes in forward(), every later block in a removable forward pre-hook (a partial of a bound
         # method, not a closure, so that a deepcopy of MEPT gets hooks bound to the copy)
         self._handles = [self.blocks[i].register_forward_pre_hook(functools.partial(self._slot_hook, i),
                                                                   with_kwargs=True) for i in self.layers if i > 0]
@@ -291,15 +276,11 @@ class MEPT(nn.Module):
 
     @torch.no_grad()
     def _probe(self):
-        """Run the bare stack on 2 x 2 inputs of 16 random tokens, once, to refuse in one sentence what
-        would fail deep inside or, worse, give quietly wrong numbers:
-        - MEPT hands the backbone inputs_embeds, so the stack must make of embed(ids) what it makes of
-          ids (a model that scales or adds to its embeddings only for ids is refused);
-        - an encoder must see both ways: position 0 must move when the later tokens change (a causal
-          model that does not flag its attention would get the encoder's layout);
-        - every routed block must run through its module call, where the hook checks what it gets.
-        On the way, with init="vocab", the hook rescales each deeper pool to the median row norm of the
-        tokens entering its block (in post-LN encoders, hidden rows are ~10x the embedding rows)."""
+        """Run the bare stack once on 16 random tokens, to refuse in one sentence what would fail deep inside or
+        give quietly wrong numbers: a stack that makes of inputs_embeds (what MEPT hands it) other than of ids;
+        an "encoder" whose position 0 ignores the later tokens (causal, unflagged); a routed block that never
+        runs through its module call. On the way, with init="vocab", the hook rescales each deeper pool to the
+        median row norm of its block's tokens (in post-LN encoders ~10x the embedding rows)."""
         name, embed = type(self.backbone).__name__, self.backbone.get_input_embeddings()
         stack = self.backbone.get_encoder() if self.family == "seq2seq" else self.backbone.base_model
         # ids from 2 up: no pad (0 or 1 in the supported configs), as some models number positions around pads
@@ -324,16 +305,14 @@ class MEPT(nn.Module):
         finally:
             self._token_mask, self._calibrating = None, False
             self.backbone.train(self._was_training)
-        skipped = [i for i in self.layers if i not in self.routing]
-        if skipped:
+        if skipped := [i for i in self.layers if i not in self.routing]:
             raise UnsupportedBackbone(f"block {skipped[0]} of {name} never receives the whole prompted sequence "
                                       f"through its module call, so no hook can route there; {INPUT_ONLY}.")
 
     # --- the forward pass ------------------------------------------------------
     def forward(self, input_ids, attention_mask=None, **kwargs):
-        """The backbone's own call, and output (a loss too, given labels), on input_ids (B, T) with the
-        routed prompts in P slots. Afterwards self.routing[l] holds block l's Routing and self.aux_loss
-        the balance term (0 unless balance_coef > 0)."""
+        """The backbone's own call and output on input_ids (B, T), the routed prompts in P slots. Afterwards
+        self.routing[l] holds block l's Routing, self.aux_loss the balance term (0 unless balance_coef > 0)."""
         try:
             out = self.backbone(**self._prompted(input_ids, attention_mask, kwargs))
         finally:
@@ -344,12 +323,10 @@ class MEPT(nn.Module):
         return out
 
     def _prompted(self, input_ids, attention_mask, kwargs):
-        """Step 1: embed the tokens, route block 0 on the embeddings and insert its mixture as the P
-        slots; give the mask and every per-token input an entry per slot. Returns the backbone's
-        keyword arguments. The later blocks route in the hooks, which read self._token_mask."""
+        """Step 1: embed the tokens, route block 0 on the embeddings, insert its mixture as the P slots, give every
+        per-token input an entry per slot: the backbone's keyword arguments. Later blocks route in the hooks."""
         self._check_call(kwargs)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)  # (B, T)
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask  # (B, T)
         (B, T), P = input_ids.shape, self.config.prompt_len
         if self.max_positions and T + P > self.max_positions:  # else an index error deep inside the model
             raise ValueError(f"{T} tokens and {P} prompt slots exceed the {self.max_positions} positions of "
@@ -409,8 +386,7 @@ class MEPT(nn.Module):
                 raise ValueError(f"MEPT builds {name} itself from input_ids and attention_mask; pass those only.")
         if kwargs.get("past_key_values") is not None and self.family != "seq2seq":  # T5's cache is its decoder's
             raise ValueError("a forward writes the slots anew, so it cannot extend a key/value cache; use generate().")
-        # transformers 4.x checkpoints a block's whole call, hooks included, and replays it in backward(),
-        # after forward() has returned and the hooks have gone quiet; 5.x keeps hooks outside the checkpoint
+        # transformers 4.x replays a checkpointed block, hooks included, in backward(), when they have gone quiet
         replays = transformers.__version__.startswith("4.") and self.backbone.is_gradient_checkpointing
         if replays and torch.is_grad_enabled():
             raise ValueError("gradient checkpointing on transformers 4.x replays MEPT's hooks outside its forward, "
@@ -420,26 +396,21 @@ class MEPT(nn.Module):
     trainable_parameters_line = parameters_line  # a method too: 'trainable params: N || all params: M || ...'
 
     def prompt_param_counts(self):
-        """Stored per block: E*P*D (+ P*D shared); activated per input and block: K*P*D (+ P*D shared).
-        The reduction compares what is activated with a deep prompt of the same stored size (E*P
-        slots), which activates all it stores; the paper's "-79.25%" has no recoverable definition."""
+        """Stored per block: E*P*D (+ P*D shared); activated per input and block: K*P*D (+ P*D shared), against
+        a deep prompt of the same stored size (E*P slots); the paper's "-79.25%" has no recoverable definition."""
         pools = sum(p.expert_pool.numel() for p in self.prompts.values())  # E*P*D per block
         shared = sum(p.shared.numel() for p in self.prompts.values() if p.shared is not None)  # P*D per block
         stored, activated = pools + shared, pools * self.config.top_k // self.config.n_experts + shared
         return dict(stored=stored, activated=activated, reduction_vs_deep_prompt=1 - activated / stored)
 
     def save_pretrained(self, directory):
-        """Every trainable parameter (prompts, routers, any head) as safetensors, with the config inside
-        the same file, written under a temporary name and then renamed: a crash never leaves half a
-        checkpoint, nor new weights beside an old config. mept_config.json is a copy for people to read."""
+        """Every trainable parameter (prompts, routers, any head) as safetensors, the config in the same file,
+        written under a temporary name and then renamed: a crash never leaves half a checkpoint."""
         os.makedirs(directory, exist_ok=True)
         path, config = os.path.join(directory, "mept_model.safetensors"), json.dumps(asdict(self.config))
         tensors = {n: p.detach().contiguous().cpu() for n, p in self.named_parameters() if p.requires_grad}
         save_file(tensors, path + ".tmp", metadata={"mept_config": config, "family": self.family})
         os.replace(path + ".tmp", path)
-        with open(os.path.join(directory, "mept_config.json.tmp"), "w") as f:
-            f.write(config)
-        os.replace(os.path.join(directory, "mept_config.json.tmp"), os.path.join(directory, "mept_config.json"))
 
     @classmethod
     def from_pretrained(cls, backbone, directory):
@@ -448,21 +419,21 @@ class MEPT(nn.Module):
         with safe_open(path, framework="pt") as f:  # a FileNotFoundError, with the path, if there is none
             metadata = f.metadata()
         model, tensors = cls(backbone, MEPTConfig(**json.loads(metadata["mept_config"]))), load_file(path)
-        expected = {(n, tuple(p.shape)) for n, p in model.named_parameters() if n.startswith("prompts.")}
-        found = {(n, tuple(t.shape)) for n, t in tensors.items() if n.startswith("prompts.")}
+        expected, found = ({(n, tuple(p.shape)) for n, p in named if n.startswith("prompts.")}
+                           for named in (model.named_parameters(), tensors.items()))
         if metadata["family"] != model.family or found != expected:  # the slots would sit elsewhere, or not fit
             model.remove()
             raise ValueError(f"checkpoint in {directory} holds the prompts of another backbone ({metadata['family']}; "
                              f"{sorted(found ^ expected)[:2]} differ from this {model.family}'s); load it onto the "
-                             "kind of backbone (family, width, depth) it was trained on.")
+                             "family, width and depth it was trained on.")
         model.load_state_dict(tensors, strict=False)  # prompts, routers, and any head inside the backbone
         for name in tensors:
             model.get_parameter(name).requires_grad_(True)  # trainable when saved
         return model
 
     def remove(self):
-        """Take every hook out and restore the backbone's requires_grad flags and train/eval mode (a head
-        inside it keeps what it learned). Returns the backbone; a second call does nothing more."""
+        """Take the hooks out, restore requires_grad and train/eval mode (a head keeps what it learned); returns
+        the backbone, and a second call does nothing more."""
         if not self._removed:
             for handle in self._handles:
                 handle.remove()
@@ -475,19 +446,14 @@ class MEPT(nn.Module):
     # --- appendix: generation ---------------------------------------------------
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, **kwargs):
-        """The backbone's own generate() with the routed prompts. The slots are written once, by T5's
-        encoder or by a decoder's first forward over the whole input; every later step decodes from the
-        key/value cache (the hooks skip calls shorter than P+T). Routing follows the input only. Pad a
-        decoder's batch on the left, as generation needs, and give max_new_tokens (a decoder's
-        max_length would count the P slots as part of the input)."""
+        """The backbone's own generate(), the slots written once (by T5's encoder, or a decoder's first forward)
+        and every later step decoded from the key/value cache (the hooks skip calls shorter than P+T). Pad a
+        decoder's batch on the left and give max_new_tokens (max_length would count the P slots)."""
         if kwargs.get("use_cache") is False and self.family == "decoder":
             raise ValueError("MEPT writes a decoder's slots once and decodes from the key/value cache; drop use_cache.")
         try:
             inputs = self._prompted(input_ids, attention_mask, kwargs)
             inputs.pop("position_ids", None)  # generate() numbers each step's positions from the mask itself
-            if self.family == "seq2seq":  # the prompts live in the encoder: run it here, decode from its output
-                inputs["encoder_outputs"] = self.backbone.get_encoder()(inputs_embeds=inputs.pop("inputs_embeds"),
-                                                                        attention_mask=inputs["attention_mask"])
-            return self.backbone.generate(**inputs)  # a decoder returns the new tokens only
+            return self.backbone.generate(**inputs)  # T5 runs its encoder once; a decoder returns the new tokens
         finally:
             self._token_mask = None
