@@ -6,6 +6,7 @@ The metrics are checked against hand-computed cases.
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -15,6 +16,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest
 import torch
+from collections import Counter
+
 from safetensors.torch import load_file
 
 import mept
@@ -234,6 +237,26 @@ def test_accuracy_tasks_report_accuracy():
     assert score("rte", [{"label": 0}, {"label": 1}], [0, 0]) == {"accuracy": 0.5}
 
 
+def test_routing_health_matches_hand_computed_load_entropy_top_share_and_mutual_information():
+    """E = 4 experts (3 never chosen), K = 2, 2 classes; the entropies are in bits and read the top expert."""
+    def h(*q):  # entropy in bits of the non-zero masses q
+        return -sum(x * math.log2(x) for x in q)
+    experts, gold = [[0, 1], [0, 2], [0, 1], [1, 0]], [0, 0, 1, 1]  # each example's K experts, the top one first
+    health = train.routing_health(experts, 4, gold, 2)
+    # load: every choice counts -> expert 0 four times, 1 three, 2 once, 3 never
+    # top experts 0, 0, 0, 1 -> shares (3/4, 1/4): entropy H(3/4, 1/4), top share 3/4
+    # (top expert, class): (0, 0) twice, (0, 1) once, (1, 1) once -> I = H(E) + H(C) - H(E, C)
+    assert health["load"] == [4, 3, 1, 0], health
+    assert {k: v for k, v in health.items() if k != "load"} == pytest.approx(
+        {"load_entropy": h(3 / 4, 1 / 4), "top_share": 3 / 4,
+         "mutual_information": h(3 / 4, 1 / 4) + h(1 / 2, 1 / 2) - h(1 / 2, 1 / 4, 1 / 4)}), health
+    follows_label = train.routing_health([[0], [1], [0], [1]], 4, [0, 1, 0, 1], 2)  # the expert IS the class
+    assert follows_label["mutual_information"] == pytest.approx(1.0) and follows_label["load_entropy"] == 1.0
+    collapsed = train.routing_health([[2], [2], [2]], 4, [0, 1, 1], 2)
+    assert collapsed["top_share"] == 1.0 and collapsed["load_entropy"] == 0 and collapsed["mutual_information"] == 0
+    assert "mutual_information" not in train.routing_health(experts, 4), "no classes (COPA, ReCoRD, test): no MI"
+
+
 # -----------------------------------------------------------------------------
 # Data: both layouts normalise to the Hub schema
 
@@ -277,6 +300,23 @@ def test_a_byte_order_mark_is_accepted_and_a_missing_idx_becomes_the_record_posi
     assert [r["idx"] for r in train.load_split(train.TASKS["cb"], "train", str(tmp_path))] == [0, 1]
 
 
+def test_the_dev_slice_is_stratified_by_label_and_never_splits_a_multirc_question(data_dir):
+    rows = [{"idx": i, "label": label} for i, label in enumerate([0] * 40 + [1] * 20 + [2] * 10)]
+    multirc = train.load_split(train.TASKS["multirc"], "train", data_dir)  # each question: answers labelled 0 and 1
+    for seed in range(3):
+        rest, dev = train.split_off_dev("cb", rows, 0.25, seed)
+        assert sorted(r["idx"] for r in rest + dev) == list(range(70)), "train and dev partition the rows"
+        for label, n in Counter(r["label"] for r in rows).items():  # 10, 5 and 2.5 expected
+            n_dev = sum(r["label"] == label for r in dev)
+            assert abs(n_dev - 0.25 * n) <= 0.5, f"seed {seed}: label {label} has {n_dev} of {n} rows in dev"
+        rest, dev = train.split_off_dev("multirc", multirc, 0.34, seed)
+        sides = {}  # (paragraph, question) -> the parts its answers went to
+        for part, part_rows in (("train", rest), ("dev", dev)):
+            for r in part_rows:
+                sides.setdefault((r["idx"]["paragraph"], r["idx"]["question"]), set()).add(part)
+        assert rest and dev and all(len(s) == 1 for s in sides.values()), f"seed {seed}: {sides}"
+
+
 def test_t5_inputs_follow_the_t5_strings_and_wsc_marks_spans_by_word_index(data_dir):
     row = {"premise": "P.", "hypothesis": "H."}
     assert train.t5_input(train.TASKS["cb"], row) == "cb hypothesis: H. premise: P."
@@ -317,6 +357,24 @@ def test_markup_is_cleaned_before_a_long_passage_is_cut(tmp_path):
                 text = tokenizer.decode(ids)
                 assert "<unk>" not in text and len(ids) <= 30, text
                 assert "<" not in text and "@" not in text.replace("@ placeholder", ""), text
+
+
+def test_a_decoder_head_pools_the_last_real_token_after_the_prompt_slots(models):
+    """Right-padded rows of lengths 5, 2, 7 under MEPT (P = 3): the head must read position P + len - 1 of each.
+    Oracle: each row run alone, unpadded, whose last position is that token (causal attention: pads after a
+    token never change it)."""
+    from transformers import AutoModel
+
+    torch.manual_seed(0)
+    core = mept.MEPT(AutoModel.from_pretrained(models["decoder"]), mept.MEPTConfig(n_experts=4, prompt_len=3, top_k=2))
+    model = train.TaskModel(core, "decoder", ["cb"], 0.0, 32).eval()
+    rows = [[5, 9, 12, 7, 30], [8, 4], [11, 6, 3, 22, 17, 9, 14]]
+    pooled = []  # what the head reads, (N, D)
+    model.heads["cb"].register_forward_hook(lambda module, args, out: pooled.append(args[0]))
+    with torch.no_grad():
+        model(train.collate([train.Group(i, [ids], None, None, [0]) for i, ids in enumerate(rows)], 1, "cpu"), "cb")
+        alone = torch.stack([core(input_ids=torch.tensor([ids])).last_hidden_state[0, -1] for ids in rows])  # (N, D)
+    torch.testing.assert_close(pooled[0], alone, atol=1e-5, rtol=1e-4, msg="the head did not pool P + len - 1")
 
 
 # -----------------------------------------------------------------------------
@@ -458,10 +516,28 @@ def test_loss_falls_on_a_repeated_tiny_batch(tmp_path, data_dir, models):
     assert losses[-1] < 0.3 * losses[0], losses
 
 
-def test_prompts_get_trained_and_the_backbone_stays_frozen(tmp_path, data_dir, models):
+def test_prompts_get_trained_and_the_backbone_stays_frozen(tmp_path, data_dir, models, monkeypatch):
+    """Two steps of MEPT on BERT: every tensor MEPT trains (each block's experts, router, shared expert) moved
+    away from where it started, and every backbone weight is bit for bit the one loaded. (A falling loss
+    alone proves neither: the head can fit a tiny batch by itself.)"""
     from transformers import AutoModel
 
-    _, out = run(tmp_path, models["encoder"], data_dir, "--task", "rte", "--num_epochs", "2")
+    original, snapshots = train.train, []
+
+    def train_between_snapshots(run):  # the core's parameters as training found them and as it left them
+        snapshots.append({k: v.detach().clone() for k, v in run.model.core.named_parameters()})
+        original(run)
+        snapshots.append({k: v.detach().clone() for k, v in run.model.core.named_parameters()})
+
+    monkeypatch.setattr(train, "train", train_between_snapshots)
+    results, out = run(tmp_path, models["encoder"], data_dir, "--task", "rte", "--num_epochs", "2")
+    before, after = snapshots
+    prompts, backbone = ([k for k in before if k.startswith(part)] for part in ("prompts.", "backbone."))
+    assert results["steps"] == 2 and prompts and backbone and len(prompts) + len(backbone) == len(before)
+    still = [k for k in prompts if (after[k] - before[k]).abs().max() < 1e-4]  # an Adam step moves ~lr = 1e-2
+    assert not still, f"MEPT tensors that did not train: {still}"
+    changed = [k for k in backbone if not torch.equal(after[k], before[k])]
+    assert not changed, f"backbone weights that changed: {changed}"
     saved = load_file(os.path.join(out, "best", "mept_model.safetensors"))
     assert saved and all(k.startswith("prompts.") for k in saved), "best/ holds only MEPT's trainable tensors"
     fresh = AutoModel.from_pretrained(models["encoder"])
@@ -470,6 +546,8 @@ def test_prompts_get_trained_and_the_backbone_stays_frozen(tmp_path, data_dir, m
 
 
 def test_same_seed_gives_the_same_numbers_and_resume_equals_an_uninterrupted_run(tmp_path, data_dir, models, monkeypatch):
+    """With dropout and router noise on. Run on a GPU (or MPS) machine, this checks the device's own random stream
+    too, which they draw from there; on the CPU the checkpoint holds the CPU's alone, as one from before did."""
     args = ["--task", "cb", "--num_epochs", "3", "--batch_size", "2"]
     full, full_out = run(tmp_path, models["decoder"], data_dir, *args, out="full")
     twin, twin_out = run(tmp_path, models["decoder"], data_dir, *args, out="twin")
@@ -640,23 +718,36 @@ def test_an_interrupted_save_never_replaces_a_good_checkpoint(tmp_path):
         assert json.load(f)["note"] == "new" and not os.path.exists(good + ".tmp") and not os.path.exists(good + ".old")
 
 
-def test_two_processes_under_torchrun_train_as_one_and_only_rank_0_writes(tmp_path, data_dir):
+@pytest.mark.parametrize("family", ["encoder", "seq2seq"])
+def test_two_processes_under_torchrun_train_as_one_and_only_rank_0_writes(tmp_path, data_dir, family):
     """torchrun --nproc_per_node 2 (gloo, on the CPU): each process takes half of every batch and DDP averages
     the gradients, so with dropout and router noise off the trainable weights end as one process's do, and so
-    do the metrics. Only rank 0 writes; nothing half-written is left behind."""
-    from transformers import BertConfig, BertModel
+    do the metrics. Every loss must be the whole batch's: the balance term is on (its f_e counts every process's
+    choices), and T5's targets have unequal lengths (entailment: 2 tokens, not_entailment: 4), so that the mean
+    over the whole batch's tokens differs from the mean of the halves' means. Only rank 0 writes."""
+    from tokenizers import pre_tokenizers
+    from transformers import BertConfig, BertModel, T5Config, T5ForConditionalGeneration
 
-    tokenizer, vocab_size = tiny_tokenizer("encoder")
+    tokenizer, vocab_size = tiny_tokenizer(family, more_words=["not", "_"])
     torch.manual_seed(0)
-    model = BertModel(BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                 intermediate_size=64, max_position_embeddings=128, initializer_range=0.2,
-                                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
-    folder = str(tmp_path / "bert")
+    if family == "encoder":
+        model = BertModel(BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=128, initializer_range=0.2,
+                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    else:  # not_entailment -> not _ entailment </s>, as T5's own tokenizer splits it into pieces
+        tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Whitespace(), pre_tokenizers.Split("_", "isolated")])
+        assert len(tokenizer("not_entailment")["input_ids"]) == 2 + len(tokenizer("entailment")["input_ids"])
+        model = T5ForConditionalGeneration(T5Config(
+            vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+            relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+            dropout_rate=0.0))
+    folder = str(tmp_path / family)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    flags = ["--task", "cb", "--model", folder, "--data_dir", data_dir, "--max_length", "64", "--prompt_len", "3",
-             "--batch_size", "2", "--num_epochs", "2", "--dev_from_train", "0", "--router_noise", "0",
-             "--head_dropout", "0"]
+    flags = ["--task", "cb" if family == "encoder" else "rte", "--model", folder, "--data_dir", data_dir,
+             "--max_length", "64", "--prompt_len", "3", "--batch_size", "2", "--num_epochs", "2", "--dev_from_train",
+             "0", "--router_noise", "0", "--head_dropout", "0", "--balance_coef", "0.01"]
     env = {**os.environ, "PYTHONPATH": HERE, "OMP_NUM_THREADS": "1"}
     for processes, out in ((1, "one"), (2, "two")):
         launch = [sys.executable] if processes == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -665,7 +756,9 @@ def test_two_processes_under_torchrun_train_as_one_and_only_rank_0_writes(tmp_pa
                               capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
     assert sorted(os.listdir(tmp_path / "two")) == ["best", "last", "log.jsonl", "results.json"], "only rank 0 writes"
-    for name in ("mept_model.safetensors", "head.safetensors"):
+    weights = [name for name in os.listdir(tmp_path / "one" / "last") if name.endswith(".safetensors")]
+    assert "mept_model.safetensors" in weights and ("head.safetensors" in weights) == (family == "encoder"), weights
+    for name in weights:
         one, two = (load_file(str(tmp_path / out / "last" / name)) for out in ("one", "two"))
         for key in one:
             torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=1e-4, msg=f"{name}:{key} differs")
@@ -673,6 +766,8 @@ def test_two_processes_under_torchrun_train_as_one_and_only_rank_0_writes(tmp_pa
     assert results[0]["metrics"] == results[1]["metrics"] and results[0]["steps"] == results[1]["steps"]
     losses = [[e["loss"] for e in read_log(str(tmp_path / out))] for out in ("one", "two")]
     assert losses[0] != losses[1], "rank 0 logs the loss of its half of the batches: the batches were split"
+    if family == "seq2seq":
+        return  # the rows that divide evenly, once is enough
     uneven = subprocess.run([*launch, os.path.join(HERE, "train.py"), *flags, "--batch_size", "5", "--output_dir",
                              str(tmp_path / "uneven")], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert uneven.returncode == 0, uneven.stderr[-2000:]  # 6 rows in batches of 5 and 1: 4 rows train, 1 step an epoch

@@ -342,8 +342,7 @@ def encode_rows(name, rows, family, tokenizer, budget, training):
     """Rows -> Groups. T5 trains on (input, gold word) pairs and ranks every word; the heads see the same inputs."""
     task, groups = TASKS[name], []
     for i, row in enumerate(rows):
-        encoded = encode_inputs(task, row, family, tokenizer, budget)
-        ids, types = [e[0] for e in encoded], [e[1] for e in encoded]
+        ids, types = map(list, zip(*encode_inputs(task, row, family, tokenizer, budget)))  # one of each per input
         if task.label_names:  # a class
             words, gold = task.label_names, [row["label"]] if row["label"] >= 0 else []
         else:  # ReCoRD: the entities, and which of them answer
@@ -362,8 +361,7 @@ def make_batches(groups, batch_size, seed=None):
     """Lists of group indices by length; with a seed, sorted only within windows of 50 batches, then shuffled."""
     rng, order = random.Random(seed), list(range(len(groups)))
     window = 50 * batch_size if seed is not None else len(order) + 1  # without a seed, one window: all sorted
-    if seed is not None:
-        order = rng.sample(order, len(order))
+    order = rng.sample(order, len(order)) if seed is not None else order
     order = [i for s in range(0, len(order), window)
              for i in sorted(order[s:s + window], key=lambda i: sum(map(len, groups[i].input_ids)))]
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
@@ -415,11 +413,16 @@ class TaskModel(nn.Module):
 
     def forward(self, batch, task):
         """-> (T5's loss or None, scores): (N, n_labels) for a classification head, else (N,), one per input."""
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
-        if self.family == "seq2seq":
-            out, labels = self.core(**inputs, labels=batch["labels"]), batch["labels"]  # labels (N, T_target)
-            token_logp = out.logits.float().log_softmax(-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-            return out.loss, (token_logp * (labels != -100)).sum(-1)  # (N,): log p(target | input), to rank
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids", "labels") if k in batch}
+        if self.family == "seq2seq":  # labels (N, T_target), -100 past a target's end; the decoder reads them too
+            logits = self.core(**inputs).logits.float().transpose(1, 2)  # (N, vocabulary, T_target)
+            token_nll = nn.functional.cross_entropy(logits, inputs["labels"], reduction="none")  # (N, T_target)
+            # the whole batch's mean -log p per token: each process divides by the processes' mean count (DDP averages)
+            n_tokens = (inputs["labels"] != -100).sum().float()  # ()
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(n_tokens)  # every process's tokens
+                n_tokens = n_tokens / torch.distributed.get_world_size()  # (): their mean count
+            return token_nll.sum() / n_tokens, -token_nll.sum(-1)  # (N,): log p(target | input), to rank
         hidden = self.core(**inputs).last_hidden_state  # (N, P+T, D) under MEPT, (N, T, D) without
         if self.family == "encoder":
             pooled = hidden[:, 0]  # (N, D): [CLS]; MEPT's slots sit right after it
@@ -435,13 +438,12 @@ def group_loss_and_predictions(model, batch, groups, task):
     lm_loss, scores = model(batch, task)
     if scores.dim() == 1:  # one score per input: each group's scores in a row, -inf where a group has fewer
         scores = nn.utils.rnn.pad_sequence(list(scores.split(batch["sizes"])), True, -math.inf)  # (G, C), batch first
-    labelled = [i for i, g in enumerate(groups) if g.gold]
+    labelled, preds = [i for i, g in enumerate(groups) if g.gold], scores.argmax(-1).tolist()
     if lm_loss is not None or not labelled:  # T5 trains with its LM loss on the gold word
-        return lm_loss, scores.argmax(-1).tolist()
+        return lm_loss, preds
     rows = scores[labelled]  # (G', C): -log(softmax mass on the gold choices) is the cross-entropy; ReCoRD has several
     is_gold = torch.tensor([[c in groups[i].gold for c in range(rows.shape[1])] for i in labelled], device=rows.device)
-    loss = (rows.logsumexp(-1) - rows.masked_fill(~is_gold, -math.inf).logsumexp(-1)).mean()
-    return loss, scores.argmax(-1).tolist()
+    return (rows.logsumexp(-1) - rows.masked_fill(~is_gold, -math.inf).logsumexp(-1)).mean(), preds
 
 
 # ---- Checkpoints: best/ and last/ hold only what trains; an interrupted save never replaces a good one ------------
@@ -497,11 +499,9 @@ def routing_health(experts, n_experts, gold=None, n_classes=1):
     for chosen, c in zip(experts, gold or [0] * len(experts)):
         joint[chosen[0], c] += 1
     p, load = joint / joint.sum(), Counter(e for chosen in experts for e in chosen)  # (E, C)
-    health = {"load": [load[e] for e in range(n_experts)], "load_entropy": bits(p.sum(1)),
-              "top_share": p.sum(1).max().item()}
-    if gold:
-        health["mutual_information"] = bits(p.sum(1)) + bits(p.sum(0)) - bits(p.flatten())
-    return health
+    mi = {"mutual_information": bits(p.sum(1)) + bits(p.sum(0)) - bits(p.flatten())} if gold else {}  # H(E)+H(C)-H(E,C)
+    return {"load": [load[e] for e in range(n_experts)], "load_entropy": bits(p.sum(1)),
+            "top_share": p.sum(1).max().item(), **mi}
 
 
 @torch.no_grad()
@@ -666,11 +666,9 @@ def train(run):
         return random.Random(seed).sample(batches, len(batches))
 
     total = args.max_steps or len(epoch_batches(0)) * args.num_epochs  # optimizer steps
-    # under torchrun every process takes its share of each batch, and DDP averages the trainable weights' gradients
-    # over the processes: the gradient of the whole batch, as one process would compute it
+    # under torchrun every process takes a share of each batch; DDP averages their gradients into the whole batch's
     net = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if run.world > 1 else model
-    # the core's trainable parameters are MEPT's prompts and routers, or (finetune) the whole backbone
-    core_lr = args.lr if isinstance(model.core, mept.MEPT) else args.backbone_lr
+    core_lr = args.lr if isinstance(model.core, mept.MEPT) else args.backbone_lr  # prompts and routers, or the backbone
     param_groups = [g for g in (dict(params=[p for p in model.core.parameters() if p.requires_grad], lr=core_lr),
                                 dict(params=list(model.heads.parameters()), lr=args.head_lr)) if g["params"]]
     optimizer = torch.optim.AdamW(param_groups, weight_decay=args.weight_decay)
@@ -678,12 +676,15 @@ def train(run):
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min((s + 1) / (warmup + 1),
                                                                           (total - s) / max(1, total - warmup)))
     state = dict(epoch=0, step=0, best_score=-math.inf, best_epoch=0, best_step=None, elapsed=0, log=[])
-    if args.resume:  # the optimizer, the schedule, the random stream, the counters and the log, as they were saved
+    gpu, gpu_rng = {"cuda": torch.cuda, "mps": torch.mps}.get(run.device.type), f"{run.device.type}_rng"  # CPU: None
+    if args.resume:  # the optimizer, the schedule, the random streams, the counters and the log, as they were saved
         saved = torch.load(os.path.join(run.out, "last", "trainer_state.pt"), weights_only=False)
         optimizer.load_state_dict(saved["optimizer"])
         schedule.load_state_dict(saved["schedule"])
         torch.set_rng_state(saved["torch_rng"])
         state = saved["state"]
+        if gpu and gpu_rng in saved:  # a GPU's dropout and router noise draw from its own stream; old checkpoints: none
+            gpu.set_rng_state(saved[gpu_rng])
     if run.rank == 0:  # only rank 0 writes; a new run keeps nothing of the one it overwrites
         os.makedirs(run.out, exist_ok=True)
         for stale in ("best", "last", "results.json", "log.jsonl") if not args.resume else ():
@@ -701,8 +702,7 @@ def train(run):
             loss = loss + getattr(model.core, "aux_loss", 0.0)  # MEPT's balance term (0 unless asked for)
             loss.backward()
             losses.append(loss.item())
-            if args.max_grad_norm > 0:
-                nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.max_grad_norm)
+            nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.max_grad_norm or math.inf)
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
@@ -733,8 +733,8 @@ def train(run):
             tqdm.write(f"epoch {entry['epoch']} | step {entry['step']} | loss {entry['loss']:.4f} | lr "
                        f"{entry['lr']:.2e} | {scores}{' | best' if improved else ''} | {entry['elapsed']:.0f}s")
             save_checkpoint(model, os.path.join(run.out, "last"), run.run_config, trainer_state={
-                "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                "torch_rng": torch.get_rng_state(), "state": state})
+                "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "state": state,
+                "torch_rng": torch.get_rng_state(), **({gpu_rng: gpu.get_rng_state()} if gpu else {})})
     bar.close()
     run.trained = {"best_epoch": state["best_epoch"], "best_step": state["best_step"], "steps": state["step"]}
 
