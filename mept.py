@@ -33,9 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 # -----------------------------------------------------------------------------
-# Step 0: the configuration, and the paper's baselines as presets of it
-
-# The baselines are special cases of MEPT: which blocks route, how many experts, a shared one or not.
+# Step 0: the configuration; the paper's baselines as its presets (which blocks route, how many experts, a shared one)
 PRESETS = {
     "prompt_tuning": dict(layers=[0], n_experts=1, top_k=1, shared_expert=False),  # Lester et al. 2021
     "smop": dict(layers=[0], n_experts=4, top_k=1, shared_expert=False),  # Choi et al. 2023
@@ -61,8 +59,7 @@ class MEPTConfig:
         # sentence-long errors here, so that a bad setting fails now and not deep inside a forward
         counts, weights = (self.n_experts, self.prompt_len, self.top_k), (self.router_noise, self.balance_coef)
         if any(type(v) is not int or v < 1 for v in counts) or self.top_k > self.n_experts:  # a bool is no count
-            raise ValueError(f"n_experts, prompt_len and top_k must be whole numbers >= 1 with top_k <= n_experts, "
-                             f"got {counts}.")
+            raise ValueError(f"n_experts, prompt_len, top_k must be whole numbers >= 1, top_k <= n_experts: {counts}.")
         if any(type(v) not in (int, float) or not math.isfinite(v) or v < 0 for v in weights):
             raise ValueError(f"router_noise and balance_coef must be finite numbers >= 0 (0 = off), got {weights}.")
         for name, allowed in (("init", ("vocab", "random")), ("noise_form", ("additive", "paper")),
@@ -181,9 +178,9 @@ class ExpertPrompts(nn.Module):
 
 
 def load_balancing_loss(routing, n_experts):
-    """Switch Transformer's E * sum_e f_e * P_e: 1 for an even load, up to E when collapsed. f_e, the
-    share of the B*K choices that went to e, carries no gradient; P_e, the mean probability of e, does.
-    Under torchrun f_e is the whole batch's, so that with DDP's averaged gradients it equals one process."""
+    """Switch Transformer's E * sum_e f_e * P_e: 1 for an even load, up to E when collapsed. f_e, the share of the B*K
+    choices that went to e, has no gradient; P_e, the mean probability of e, has. Under torchrun f_e is the whole
+    batch's, so that with DDP's averaged gradients the term equals one process's."""
     share = F.one_hot(routing.expert_idx.flatten(), n_experts).float().mean(0)  # (E,): f_e
     if torch.distributed.is_available() and torch.distributed.is_initialized():  # the mean of equal shares
         torch.distributed.all_reduce(share.div_(torch.distributed.get_world_size()))  # (E,)
@@ -213,10 +210,8 @@ def find_blocks(backbone):
 
 def backbone_family(backbone):
     """'seq2seq' (an encoder-decoder), 'decoder' (its attention is flagged causal) or 'encoder'."""
-    if backbone.config.is_encoder_decoder:
-        return "seq2seq"
     causal = [getattr(m, "is_causal", None) is True for m in find_blocks(backbone)[1][0].modules()]
-    return "decoder" if any(causal) else "encoder"
+    return "seq2seq" if backbone.config.is_encoder_decoder else "decoder" if any(causal) else "encoder"
 
 
 def parameters_line(module):
@@ -251,10 +246,9 @@ class MEPT(nn.Module):
         # an encoder's head reads position 0 ([CLS]): its slots go right after it; elsewhere they lead
         self.slot_offset = 1 if self.family == "encoder" else 0
         # a learned position table (BERT's, GPT-2's; RoBERTa's from padding_idx + 1) caps the length; rotary: no
-        n_positions = getattr(backbone.config, "max_position_embeddings", None)
-        table = next((m for m in backbone.modules() if isinstance(m, nn.Embedding) and m is not embed and
-                      m.num_embeddings == n_positions), None)
-        self.max_positions = table and table.num_embeddings - (0 if table.padding_idx is None else table.padding_idx + 1)
+        pos = next((m for m in backbone.modules() if isinstance(m, nn.Embedding) and m is not embed and
+                    m.num_embeddings == getattr(backbone.config, "max_position_embeddings", None)), None)
+        self.max_positions = pos and pos.num_embeddings - (0 if pos.padding_idx is None else pos.padding_idx + 1)
         self._was_trainable = {n: p.requires_grad for n, p in backbone.named_parameters()}
         self._was_training, self._removed, self._calibrating = backbone.training, False, False
         self._token_mask, self.routing, self.aux_loss = None, {}, torch.zeros(())
@@ -387,12 +381,11 @@ class MEPT(nn.Module):
         if kwargs.get("past_key_values") is not None and self.family != "seq2seq":  # T5's cache is its decoder's
             raise ValueError("a forward writes the slots anew, so it cannot extend a key/value cache; use generate().")
         # transformers 4.x replays a checkpointed block, hooks included, in backward(), when they have gone quiet
-        replays = transformers.__version__.startswith("4.") and self.backbone.is_gradient_checkpointing
-        if replays and torch.is_grad_enabled():
+        if self.backbone.is_gradient_checkpointing and torch.is_grad_enabled() and transformers.__version__[:2] == "4.":
             raise ValueError("gradient checkpointing on transformers 4.x replays MEPT's hooks outside its forward, "
                              "giving wrong gradients; call backbone.gradient_checkpointing_disable() or use 5.x.")
 
-    # --- bookkeeping: parameters, counts, saving, loading, removing -------------
+    # --- bookkeeping: parameters, counts, saving, loading, removing; and generation ---------------
     trainable_parameters_line = parameters_line  # a method too: 'trainable params: N || all params: M || ...'
 
     def prompt_param_counts(self):
@@ -432,8 +425,7 @@ class MEPT(nn.Module):
         return model
 
     def remove(self):
-        """Take the hooks out, restore requires_grad and train/eval mode (a head keeps what it learned); returns
-        the backbone, and a second call does nothing more."""
+        """Take the hooks out, restore requires_grad and train/eval mode (a head keeps what it learned)."""
         if not self._removed:
             for handle in self._handles:
                 handle.remove()
@@ -443,7 +435,6 @@ class MEPT(nn.Module):
             self._removed = True
         return self.backbone
 
-    # --- appendix: generation ---------------------------------------------------
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, **kwargs):
         """The backbone's own generate(), the slots written once (by T5's encoder, or a decoder's first forward)

@@ -662,7 +662,7 @@ def test_a_deep_copy_routes_with_its_own_prompts(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(n_experts=4, top_k=5), "with top_k <= n_experts"),
+    (dict(n_experts=4, top_k=5), "top_k <= n_experts"),
     (dict(top_k=0), "must be whole numbers >= 1"),
     (dict(prompt_len=0), "must be whole numbers >= 1"),
     (dict(top_k=1.5), "must be whole numbers >= 1"),

@@ -453,7 +453,7 @@ def save_checkpoint(model, directory, run_config, trainer_state=None):
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     if isinstance(model.core, mept.MEPT):
-        model.core.save_pretrained(tmp)  # mept_model.safetensors (prompts, routers), mept_config.json
+        model.core.save_pretrained(tmp)  # mept_model.safetensors: prompts, routers and the MEPT config
     elif run_config["method"] == "finetune":  # save_model stores T5's tied embeddings once
         save_model(model.core, os.path.join(tmp, "backbone.safetensors"))
     if len(model.heads):
