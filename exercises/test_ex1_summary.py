@@ -46,8 +46,9 @@ def check_summary(fn):
 
     # the norm: per token over D, before the mean
     assert torch.allclose(fn(10 * hidden - 3, mask), out, atol=1e-4), (
-        "no LayerNorm: the summary changed when every hidden state was scaled by 10 and shifted by -3. Normalise "
-        "each token over D first, F.layer_norm(hidden, hidden.shape[-1:]), with no weight and no bias.")
+        "no LayerNorm: the summary changed when every hidden state was scaled by 10 and shifted by -3 (a LayerNorm "
+        "ignores both, an RMS norm only the scale). Normalise each token over D first, "
+        "F.layer_norm(hidden, hidden.shape[-1:]), with no weight and no bias.")
     mean = (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)  # (B, D): every input has a real token
     norm_after = F.layer_norm(mean, (D,))  # (B, D): the mean, then the norm
     assert not torch.allclose(out, norm_after, atol=1e-5), (
