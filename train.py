@@ -750,7 +750,7 @@ def report(run):
         best = os.path.join(run.out, "best")
         run.model = build_model(core, run.family, run.method, None, run.heads, args, best).to(run.device)
     metrics, preds, routing = evaluate_split(run, "report")
-    results = {**run.run_config, **run.trained, "metrics": metrics, "routing": routing,
+    results = {**run.run_config, **run.trained, "metrics": metrics, "routing": routing, "predictions": preds,
                "versions": {p: version(p) for p in ("torch", "transformers", "datasets", "tqdm")},
                "trainable_params": mept.parameters_line(run.model),
                "wall_time_seconds": round(time.time() - run.started, 1),

@@ -1,7 +1,8 @@
 """Does a trained MEPT see at training time the pathway it is scored on? Per routed block, on the run's own training
 rows: how sure the router is of its choice (the chosen expert's probability, without noise), and how often the
-router noise of training (logits * (1 + sigma * eps)) picks another expert than evaluation does. Over many blocks
-these flips compound: an input whose noisy pathway equals its evaluation pathway at every block is rare.
+router noise of training (the run's form: additive, or the paper's logits * (1 + sigma * eps)) picks another expert
+than evaluation does. Over many blocks these flips compound: under the paper's noise an input whose noisy pathway
+equals its evaluation pathway at every block is rare.
 
     python experiments/noisy_paths.py runs/results/smollm2/cb/mept_seed1 --data_dir path/to/superglue
 """
@@ -62,7 +63,7 @@ def main():
     same = statistics.mean(torch.stack([d[i] == clean[i] for i in clean]).all(0).float().mean().item()
                            for d in draws)
     print(f"{args.run}: {len(groups)} training inputs, {args.draws} noisy passes each, "
-          f"sigma {config['mept']['router_noise']}")
+          f"sigma {config['mept']['router_noise']}, noise {config['mept'].get('noise_form', 'paper')}")
     print("block | chosen expert's probability (no noise) | noisy choice differs from the evaluated one")
     for i in sorted(clean):
         print(f"{i:5d} | {sure[i]:.2f} | {flips[i]:.2f}")

@@ -22,7 +22,9 @@ The same seed gives every method the same batches, so methods are compared seed 
 
 import argparse
 import json
+import math
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -30,6 +32,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import train  # noqa: E402  (the SuperGLUE loader, for the gold labels of mixed runs)
 # a method of the table -> train.py's flags
 METHODS = {"head_only": ["--method", "head_only"], "prompt_tuning": ["--method", "prompt_tuning"],
            "smop": ["--method", "smop"], "deep_prompt": ["--method", "deep_prompt"], "mept": ["--method", "mept"],
@@ -99,9 +103,55 @@ def saved_outputs(folder):
     return lines
 
 
+def bits(counts):
+    """The entropy in bits of a distribution given by counts."""
+    total = sum(counts)
+    return -sum(c / total * math.log2(c / total) for c in counts if c)
+
+
+def mixture(args, mixes):
+    """Mixed training on several tasks: each task's and the pooled validation accuracy, the mutual information of each
+    block's expert with the task (does MEPT route by task?), and a paired bootstrap of the pooled accuracy minus
+    deep_prompt's (the same validation examples resampled for both, 2000 times; seeds paired)."""
+    lines = []
+    for backbone, mix in sorted({(b, t) for b, t, _, _ in mixes}):
+        names = mix.split(",")
+        golds = {n: [r["label"] for r in train.load_split(train.TASKS[n], "validation", args.data_dir)] for n in names}
+        correct = {k: [p == g for n in names for p, g in zip(r["predictions"][n], golds[n])]
+                   for k, r in mixes.items() if k[:2] == (backbone, mix)}  # (run) -> one bool per example, pooled
+        lines += [f"\n## {backbone}, mixed training on {mix}: validation, mean ± std over seeds\n",
+                  "| method | seeds | " + " | ".join(names) + " | pooled | expert-task MI per block, bits (max; mean) |"
+                  " pooled minus deep_prompt, paired: mean [95% bootstrap] |", "|---|---|" + "---|" * (len(names) + 3)]
+        rng = random.Random(0)
+        n = len(next(iter(correct.values())))
+        resamples = [[rng.randrange(n) for _ in range(n)] for _ in range(2000)]
+        for m in [m for m in METHODS if any(k[:3] == (backbone, mix, m) for k in mixes)]:
+            seeds = sorted(s for b, t, mm, s in mixes if (b, t, mm) == (backbone, mix, m))
+            rs = [mixes[backbone, mix, m, s] for s in seeds]
+            per_task = " | ".join(mean_std([100 * r["metrics"][t]["accuracy"] for r in rs]) for t in names)
+            pooled = mean_std([100 * statistics.mean(correct[backbone, mix, m, s]) for s in seeds])
+            mi = "-"
+            if rs[0]["routing"][names[0]] and len(next(iter(rs[0]["routing"][names[0]].values()))["load"]) > 1:
+                per_block = [[bits([sum(x) for x in zip(*(r["routing"][t][b]["load"] for t in names))])  # H(expert)
+                              + bits([sum(r["routing"][t][b]["load"]) for t in names])  # H(task)
+                              - bits([c for t in names for c in r["routing"][t][b]["load"]])  # H(expert, task)
+                              for b in r["routing"][names[0]]] for r in rs]
+                mi = f"{statistics.mean(map(max, per_block)):.3f}; {statistics.mean(map(statistics.mean, per_block)):.3f}"
+            both = [s for s in seeds if (backbone, mix, "deep_prompt", s) in correct]
+            paired = "-"
+            if m != "deep_prompt" and both:
+                diffs = [[a - b for a, b in zip(correct[backbone, mix, m, s], correct[backbone, mix, "deep_prompt", s])]
+                         for s in both]  # (seeds, examples): +1, 0 or -1
+                boot = sorted(100 * statistics.mean(sum(d[i] for i in idx) / n for d in diffs) for idx in resamples)
+                mean = 100 * statistics.mean(sum(d) / n for d in diffs)
+                paired = f"{mean:+.1f} [{boot[50]:+.1f}, {boot[1949]:+.1f}] ({len(both)} seeds)"
+            lines.append(f"| {LABELS.get(m, m)} | {len(rs)} | {per_task} | {pooled} | {mi} | {paired} |")
+    return lines
+
+
 def summarise(args):
     """Every finished run, read once, into the tables of results.md and the plot."""
-    runs = {}
+    runs, mixes = {}, {}  # mixes: the runs of mixed training (--task cb,rte,wic), summarised apart
     for backbone in [b for b in sorted(os.listdir(args.out)) if os.path.isdir(os.path.join(args.out, b))]:
         for task in sorted(os.listdir(os.path.join(args.out, backbone))):
             for name in sorted(os.listdir(os.path.join(args.out, backbone, task))):
@@ -109,7 +159,7 @@ def summarise(args):
                 if os.path.isfile(path):
                     method, seed = name.rsplit("_seed", 1)
                     with open(path) as f:
-                        runs[backbone, task, method, int(seed)] = json.load(f)
+                        (mixes if "," in task else runs)[backbone, task, method, int(seed)] = json.load(f)
     lines, points = [], []
     for backbone, task in sorted({(b, t) for b, t, _, _ in runs}):
         methods = [m for m in METHODS if any(k[:3] == (backbone, task, m) for k in runs)]
@@ -192,6 +242,7 @@ def summarise(args):
         # the Trainer reports its last epoch anyway
         last = f"{100 * r['last_epoch_accuracy']:.1f}" if "last_epoch_accuracy" in r else "-"
         lines.append(f"| {name} | {100 * r['accuracy']:.1f} | {last} |")
+    lines += mixture(args, mixes)
     # saved outputs: `python experiments/noisy_paths.py RUN > runs/diagnostics/X.txt`, `bench_X.py > runs/bench/X_N.txt`
     for sub, title in [("diagnostics", "Router noise at training time against evaluation (experiments/noisy_paths.py)"),
                        ("bench", "Cost: the benchmarks' saved outputs (runs/bench), on the machine that ran them")]:
