@@ -381,7 +381,7 @@ class MEPT(nn.Module):
         if kwargs.get("past_key_values") is not None and self.family != "seq2seq":  # T5's cache is its decoder's
             raise ValueError("a forward writes the slots anew, so it cannot extend a key/value cache; use generate().")
         # transformers 4.x replays a checkpointed block, hooks included, in backward(), when they have gone quiet
-        if self.backbone.is_gradient_checkpointing and torch.is_grad_enabled() and transformers.__version__[:2] == "4.":
+        if transformers.__version__[:2] == "4." and self.backbone.is_gradient_checkpointing and torch.is_grad_enabled():
             raise ValueError("gradient checkpointing on transformers 4.x replays MEPT's hooks outside its forward, "
                              "giving wrong gradients; call backbone.gradient_checkpointing_disable() or use 5.x.")
 
