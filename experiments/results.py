@@ -1,17 +1,24 @@
 """Regenerate the README's results from nothing: every (backbone, task, method, seed) run by train.py, then
 summarised into experiments/results.md and experiments/accuracy_vs_params.png.
 
-    python experiments/results.py --backbone minilm --tasks cb --seeds 1 2 3 4 5          # the six methods
-    python experiments/results.py --backbone minilm --tasks cb --seeds 1 2 3 4 5 \\
-        --methods deep_prompt mept mept_noise0 mept_balance mept_top2 mept_e8                # MEPT's routing
-    python experiments/results.py --backbone smollm2 --tasks cb --seeds 1 2 3 --epochs 10 \\
-        --methods head_only prompt_tuning smop deep_prompt mept                            # the Llama analogue
-    python experiments/results.py --backbone smollm2 --tasks cb --seeds 1 --epochs 10 --methods mept_noise0
-    python experiments/results.py --tasks rte --seeds 1 --epochs 10 --max_length 128 \\
-        --methods finetune finetune_lr5e-5                                                 # RTE's budget search
-    python experiments/results.py --tasks rte --seeds 1 --epochs 10 --max_length 128 \\
-        --methods head_only prompt_tuning smop deep_prompt mept                            # RTE at that budget
+This release (mept = additive router noise, same-start experts; mept_paper = the paper's recipe):
+    python experiments/results.py --backbone minilm --tasks cb --seeds 1 2 3 4 5 --methods mept deep_prompt
+    python experiments/results.py --backbone smollm2 --tasks cb --seeds 1 2 3 --epochs 10 --methods mept
+    python experiments/noisy_paths.py runs/results/smollm2/cb/mept_seed1 \
+        > runs/diagnostics/noisy_paths_smollm2_mept_seed1.txt                            # and seed 2
+    python experiments/results.py --tasks cb,rte,wic --seeds 1 2 3 --epochs 3 --max_length 128 \
+        --methods mept deep_prompt smop head_only                                          # mixed training
     python experiments/results.py --summarise_only                                         # tables and plot
+The first campaign (results_2026_11.md), where mept was the paper's recipe: the same commands with mept_paper for mept:
+    python experiments/results.py --backbone minilm --tasks cb --seeds 1 2 3 4 5          # the six methods
+    python experiments/results.py --backbone minilm --tasks cb --seeds 1 2 3 4 5 \
+        --methods deep_prompt mept_paper mept_noise0 mept_balance mept_top2 mept_e8          # MEPT's routing
+    python experiments/results.py --backbone smollm2 --tasks cb --seeds 1 2 3 --epochs 10 \
+        --methods head_only prompt_tuning smop deep_prompt mept_paper                      # the Llama analogue
+    python experiments/results.py --tasks rte --seeds 1 --epochs 10 --max_length 128 \
+        --methods finetune finetune_lr5e-5 head_only prompt_tuning smop deep_prompt mept_paper   # RTE
+(its routing variants, mept_noise0 and the others, were the paper's recipe plus one flag; today they change the new
+default: add --noise_form paper --no-same_start to METHODS to rerun them as they were.)
 
 Protocol: train.py's defaults (a linear head for every method, the epoch chosen on a per-label 10% slice
 of train, the official validation split reported at that epoch), the same budget for every method, no
@@ -136,7 +143,8 @@ def mixture(args, mixes):
                               + bits([sum(r["routing"][t][b]["load"]) for t in names])  # H(task)
                               - bits([c for t in names for c in r["routing"][t][b]["load"]])  # H(expert, task)
                               for b in r["routing"][names[0]]] for r in rs]
-                mi = f"{statistics.mean(map(max, per_block)):.3f}; {statistics.mean(map(statistics.mean, per_block)):.3f}"
+                mi = (f"{statistics.mean(map(max, per_block)):.3f}; "
+                      f"{statistics.mean(map(statistics.mean, per_block)):.3f}")
             both = [s for s in seeds if (backbone, mix, "deep_prompt", s) in correct]
             paired = "-"
             if m != "deep_prompt" and both:
