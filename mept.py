@@ -245,7 +245,7 @@ class MEPT(nn.Module):
                                       f"{len(parallel)} parallel lists for {n_layers} layers); {INPUT_ONLY}.")
         # an encoder's head reads position 0 ([CLS]): its slots go right after it; elsewhere they lead
         self.slot_offset = 1 if self.family == "encoder" else 0
-        # a learned position table (BERT's, GPT-2's; RoBERTa's from padding_idx + 1) caps the length; rotary: no
+        # a learned position table (BERT's, GPT-2's; RoBERTa's from padding_idx + 1) caps the length (rotary: none)
         pos = next((m for m in backbone.modules() if isinstance(m, nn.Embedding) and m is not embed and
                     m.num_embeddings == getattr(backbone.config, "max_position_embeddings", None)), None)
         self.max_positions = pos and pos.num_embeddings - (0 if pos.padding_idx is None else pos.padding_idx + 1)

@@ -4,8 +4,9 @@ summarised into experiments/results.md and experiments/accuracy_vs_params.png.
 This release (mept = additive router noise, same-start experts; mept_paper = the paper's recipe):
     python experiments/results.py --backbone minilm --tasks cb --seeds 1 2 3 4 5 --methods mept deep_prompt
     python experiments/results.py --backbone smollm2 --tasks cb --seeds 1 2 3 --epochs 10 --methods mept
+    python experiments/results.py --backbone smollm2 --tasks cb --seeds 1 --epochs 10 --methods mept_noise0
     python experiments/noisy_paths.py runs/results/smollm2/cb/mept_seed1 \
-        > runs/diagnostics/noisy_paths_smollm2_mept_seed1.txt                            # and seed 2
+        > runs/diagnostics/noisy_paths_smollm2_mept_seed1.txt                            # and seeds 2, 3
     python experiments/results.py --tasks cb,rte,wic --seeds 1 2 3 --epochs 3 --max_length 128 \
         --methods mept deep_prompt smop head_only                                          # mixed training
     python experiments/results.py --summarise_only                                         # tables and plot
@@ -39,8 +40,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import train  # noqa: E402  (the SuperGLUE loader, for the gold labels of mixed runs)
 # a method of the table -> train.py's flags
 METHODS = {"head_only": ["--method", "head_only"], "prompt_tuning": ["--method", "prompt_tuning"],
            "smop": ["--method", "smop"], "deep_prompt": ["--method", "deep_prompt"], "mept": ["--method", "mept"],
@@ -123,6 +122,8 @@ def mixture(args, mixes):
     lines = []
     for backbone, mix in sorted({(b, t) for b, t, _, _ in mixes}):
         names = mix.split(",")
+        sys.path.insert(0, ROOT)
+        import train  # only here: the SuperGLUE loader, for the gold labels (it loads torch and transformers)
         golds = {n: [r["label"] for r in train.load_split(train.TASKS[n], "validation", args.data_dir)] for n in names}
         correct = {k: [p == g for n in names for p, g in zip(r["predictions"][n], golds[n])]
                    for k, r in mixes.items() if k[:2] == (backbone, mix)}  # (run) -> one bool per example, pooled
