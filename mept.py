@@ -53,6 +53,7 @@ class MEPTConfig:
     shared_expert: bool = True  # an always-on expert added to the mixture, zero at the start
     balance_coef: float = 0.0  # weight of the Switch load-balancing loss (beyond the paper; 0 = off)
     init: str = "vocab"  # "vocab": sampled embedding rows (Lester et al.); "random": N(0, 1)
+    router_center: bool = True  # the router reads the summary minus its running mean over training inputs
     same_start: bool = True  # a block's E experts start from the same rows (sparse upcycling); False: each its own
 
     def __post_init__(self):
@@ -63,7 +64,8 @@ class MEPTConfig:
         if any(type(v) not in (int, float) or not math.isfinite(v) or v < 0 for v in weights):
             raise ValueError(f"router_noise and balance_coef must be finite numbers >= 0 (0 = off), got {weights}.")
         for name, allowed in (("init", ("vocab", "random")), ("noise_form", ("additive", "paper")),
-                              ("same_start", (True, False)), ("shared_expert", (True, False))):
+                              ("same_start", (True, False)), ("shared_expert", (True, False)),
+                              ("router_center", (True, False))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
         # block 0's prompt is inserted with the tokens: without block 0 there would be no slots
@@ -105,9 +107,20 @@ class Router(nn.Module):
         self.proj = nn.Linear(d_model, config.n_experts, bias=False)  # W_l: (E, D), no bias
         nn.init.orthogonal_(self.proj.weight)  # orthogonal rows: every expert starts equally reachable
         self.top_k, self.noise, self.noise_form = config.top_k, config.router_noise, config.noise_form
+        self.centered = config.router_center
+        self.register_buffer("center", torch.zeros(d_model))  # (D,)
+        self.register_buffer("seen", torch.zeros((), dtype=torch.long))
 
     def forward(self, hidden, mask):  # hidden (B, T, D), mask (B, T) -> gate (B, K), Routing
-        logits = self.proj(summarize(hidden, mask).to(self.proj.weight.dtype)).float()  # (B, E): W_l s, s (B, D)
+        summary = summarize(hidden, mask)  # (B, D)
+        if self.training and self.centered:  # the running mean of the training summaries (no gradient)
+            with torch.no_grad():
+                batch_mean = summary.mean(0)  # (D,)
+                if torch.distributed.is_available() and torch.distributed.is_initialized():
+                    torch.distributed.all_reduce(batch_mean.div_(torch.distributed.get_world_size()))
+                self.seen += 1
+                self.center.lerp_(batch_mean, max(1 / self.seen.item(), 0.05))  # (D,)
+        logits = self.proj((summary - self.center).to(self.proj.weight.dtype)).float()  # (B, E): W_l (s - mean)
         if self.training and self.noise > 0:  # eps ~ N(0, 1), drawn anew per input; no gradient flows into it
             # additive (Shazeer et al. 2017): a jitter of fixed size flips the top-1 only while its margin is small,
             # so a sure router is followed. The paper's (SMoP's) logits * (1 + sigma*eps) flips it as often however
@@ -401,7 +414,8 @@ class MEPT(nn.Module):
         written under a temporary name and then renamed: a crash never leaves half a checkpoint."""
         os.makedirs(directory, exist_ok=True)
         path, config = os.path.join(directory, "mept_model.safetensors"), json.dumps(asdict(self.config))
-        tensors = {n: p.detach().contiguous().cpu() for n, p in self.named_parameters() if p.requires_grad}
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad] + [*self.prompts.named_buffers("prompts")]
+        tensors = {n: t.detach().contiguous().cpu() for n, t in named}  # the routers' running means too
         save_file(tensors, path + ".tmp", metadata={"mept_config": config, "family": self.family})
         os.replace(path + ".tmp", path)
 
@@ -413,15 +427,15 @@ class MEPT(nn.Module):
             metadata = f.metadata()
         model, tensors = cls(backbone, MEPTConfig(**json.loads(metadata["mept_config"]))), load_file(path)
         expected, found = ({(n, tuple(p.shape)) for n, p in named if n.startswith("prompts.")}
-                           for named in (model.named_parameters(), tensors.items()))
+                           for named in (model.state_dict().items(), tensors.items()))
         if metadata["family"] != model.family or found != expected:  # the slots would sit elsewhere, or not fit
             model.remove()
             raise ValueError(f"checkpoint in {directory} holds the prompts of another backbone ({metadata['family']}; "
                              f"{sorted(found ^ expected)[:2]} differ from this {model.family}'s); load it onto the "
                              "family, width and depth it was trained on.")
         model.load_state_dict(tensors, strict=False)  # prompts, routers, and any head inside the backbone
-        for name in tensors:
-            model.get_parameter(name).requires_grad_(True)  # trainable when saved
+        for name, p in model.named_parameters():
+            p.requires_grad_(p.requires_grad or name in tensors)  # trainable when saved
         return model
 
     def remove(self):

@@ -83,6 +83,8 @@ def build_parser():
     flag("--noise_form", choices=["additive", "paper"], default=None, help="the router noise: logits + sigma*eps "
          "(additive), or the paper's logits * (1 + sigma*eps), which flips a sure router as often as an unsure one")
     flag("--same_start", action=argparse.BooleanOptionalAction, default=None, help="a block's experts start alike")
+    flag("--router_center", action=argparse.BooleanOptionalAction, default=None, help="routers read the summary "
+         "minus its running mean over training inputs (on; off: the paper's router)")
     flag("--shared_expert", action=argparse.BooleanOptionalAction, default=None, help="a shared expert (preset)")
     flag("--balance_coef", type=float, default=None, help="weight of the load-balancing loss (0.0)")
     flag("--init", choices=["vocab", "random"], default=None, help="the experts' init (vocab)")
