@@ -48,6 +48,8 @@ METHODS = {"head_only": ["--method", "head_only"], "prompt_tuning": ["--method",
            # MEPT's routing, one change at a time
            "mept_paper": ["--method", "mept", "--noise_form", "paper", "--no-same_start"],  # the paper's recipe
            "mept_noise0": ["--method", "mept", "--router_noise", "0"],
+           "mept_noise0.1": ["--method", "mept", "--router_noise", "0.1"],
+           "mept_uncentered": ["--method", "mept", "--no-router_center"],  # the previous default
            "mept_balance": ["--method", "mept", "--balance_coef", "0.01"],
            "mept_top2": ["--method", "mept", "--top_k", "2"], "mept_e8": ["--method", "mept", "--n_experts", "8"]}
 LABELS = {"mept": "mept (additive noise, same-start experts)", "mept_paper": "mept, the paper's noise and init",
