@@ -101,6 +101,13 @@ def top_k_gate(logits, top_k):  # logits (B, E) -> gate (B, K), expert_idx (B, K
     return (*probs.topk(top_k, dim=-1), probs)
 
 
+def mean_over_processes(x):
+    """x itself, or under torchrun its mean over the processes (their batches are of equal size)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(x.div_(torch.distributed.get_world_size()))
+    return x
+
+
 class Router(nn.Module):
     def __init__(self, d_model, config):
         super().__init__()
@@ -108,18 +115,18 @@ class Router(nn.Module):
         nn.init.orthogonal_(self.proj.weight)  # orthogonal rows: every expert starts equally reachable
         self.top_k, self.noise, self.noise_form = config.top_k, config.router_noise, config.noise_form
         self.centered = config.router_center
-        self.register_buffer("center", torch.zeros(d_model))  # (D,)
-        self.register_buffer("seen", torch.zeros((), dtype=torch.long))
+        self.register_buffer("center", torch.zeros(d_model))  # (D,): the running mean of the training summaries
+        self.register_buffer("seen", torch.zeros(()))  # the training batches averaged into it
 
     def forward(self, hidden, mask):  # hidden (B, T, D), mask (B, T) -> gate (B, K), Routing
         summary = summarize(hidden, mask)  # (B, D)
-        if self.training and self.centered:  # the running mean of the training summaries (no gradient)
-            with torch.no_grad():
-                batch_mean = summary.mean(0)  # (D,)
-                if torch.distributed.is_available() and torch.distributed.is_initialized():
-                    torch.distributed.all_reduce(batch_mean.div_(torch.distributed.get_world_size()))
-                self.seen += 1
-                self.center.lerp_(batch_mean, max(1 / self.seen.item(), 0.05))  # (D,)
+        # Why center: the summaries of a frozen model share a large part (on SmolLM2 their mean over inputs is 3-6x
+        # what varies), and W_l times it is a hidden bias, the same for every input: at the start it sends most
+        # inputs to one expert, and each step that helps the chosen expert raises it for all: routing collapses.
+        # Less the mean of the training summaries, z_e - z_j averages 0 over them: no expert wins every input.
+        if self.training and self.centered:  # the mean of all batches so far, then of about the last 20
+            self.seen += 1
+            self.center.lerp_(mean_over_processes(summary.detach().mean(0)), (1 / self.seen).clamp(min=0.05))
         logits = self.proj((summary - self.center).to(self.proj.weight.dtype)).float()  # (B, E): W_l (s - mean)
         if self.training and self.noise > 0:  # eps ~ N(0, 1), drawn anew per input; no gradient flows into it
             # additive (Shazeer et al. 2017): a jitter of fixed size flips the top-1 only while its margin is small,
@@ -194,9 +201,7 @@ def load_balancing_loss(routing, n_experts):
     """Switch Transformer's E * sum_e f_e * P_e: 1 for an even load, up to E when collapsed. f_e, the share of the B*K
     choices that went to e, has no gradient; P_e, the mean probability of e, has. Under torchrun f_e is the whole
     batch's, so that with DDP's averaged gradients the term equals one process's."""
-    share = F.one_hot(routing.expert_idx.flatten(), n_experts).float().mean(0)  # (E,): f_e
-    if torch.distributed.is_available() and torch.distributed.is_initialized():  # the mean of equal shares
-        torch.distributed.all_reduce(share.div_(torch.distributed.get_world_size()))  # (E,)
+    share = mean_over_processes(F.one_hot(routing.expert_idx.flatten(), n_experts).float().mean(0))  # (E,): f_e
     return n_experts * (share * routing.probs.float().mean(0)).sum()  # scalar
 
 
@@ -295,7 +300,7 @@ class MEPT(nn.Module):
         ids[1, :, 0] = ids[0, :, 0]  # (2, 2, 16): the second pair shares only its first token with the first
         ids = ids.to(embed.weight.device)
         run = lambda **inputs: stack(**inputs, attention_mask=torch.ones_like(ids[0]))[0].float()  # noqa: E731
-        self.backbone.eval()  # no dropout, so that two runs compare
+        self.eval()  # no dropout, no router noise, no running means moved: the probe leaves no trace
         try:
             by_ids, by_embeds = run(input_ids=ids[0]), run(inputs_embeds=embed(ids[0]))  # (2, 16, D) each
             if (by_ids - by_embeds).abs().max() > 1e-3 * by_ids.abs().max():
@@ -311,7 +316,7 @@ class MEPT(nn.Module):
                                       f"({str(error).splitlines()[0]}); mind its positions, or {SUPPORTED}.") from None
         finally:
             self._token_mask, self._calibrating = None, False
-            self.backbone.train(self._was_training)
+            self.train().backbone.train(self._was_training)
         if skipped := [i for i in self.layers if i not in self.routing]:
             raise UnsupportedBackbone(f"block {skipped[0]} of {name} never receives the whole prompted sequence "
                                       f"through its module call, so no hook can route there; {INPUT_ONLY}.")
@@ -414,7 +419,7 @@ class MEPT(nn.Module):
         written under a temporary name and then renamed: a crash never leaves half a checkpoint."""
         os.makedirs(directory, exist_ok=True)
         path, config = os.path.join(directory, "mept_model.safetensors"), json.dumps(asdict(self.config))
-        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad] + [*self.prompts.named_buffers("prompts")]
+        named = [*((n, p) for n, p in self.named_parameters() if p.requires_grad), *self.prompts.named_buffers("prompts")]
         tensors = {n: t.detach().contiguous().cpu() for n, t in named}  # the routers' running means too
         save_file(tensors, path + ".tmp", metadata={"mept_config": config, "family": self.family})
         os.replace(path + ".tmp", path)

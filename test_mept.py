@@ -282,7 +282,7 @@ def test_single_example_top1_updates_exactly_one_expert_per_block():
 
 
 def test_router_noise_acts_only_in_training_and_is_seeded():
-    model = mept("bert", router_noise=1.0)
+    model = mept("bert", router_noise=1.0, router_center=False)  # the noise alone (the running mean: its own test)
     ids, mask = batch()
     run(model.eval(), "bert", ids, mask)
     eval_probs = {i: r.probs.clone() for i, r in model.routing.items()}
@@ -304,6 +304,29 @@ def test_router_noise_acts_only_in_training_and_is_seeded():
         torch.testing.assert_close(model.routing[i].probs, probs, msg="sigma = 0 must turn the noise off")
 
 
+def test_a_centered_router_cannot_send_every_training_input_to_one_expert():
+    """Summaries that share a large part (a frozen model's do: on SmolLM2 their mean over inputs is 3-6x what varies)
+    give the bias-free router a hidden bias W_l * mean, the same for every input: uncentered, all 64 inputs take one
+    expert from the start. Less the running mean of the training summaries (the mean of the batches so far), each
+    logit averages 0 over those inputs, so no expert can win them all. Evaluation leaves the running mean alone."""
+    torch.manual_seed(0)
+    hidden, mask = 3 * torch.randn(D) + torch.randn(64, T, D), torch.ones(64, T)  # (64, T, D): a shared part
+    summaries = mept_module.summarize(hidden, mask)  # (64, D)
+    used = {}
+    for centered in (False, True):
+        router = mept_module.Router(D, MEPTConfig(n_experts=E, router_noise=0.0, router_center=centered))
+        for rows in (slice(0, 16), slice(16, 64)):  # two training batches, of 16 and 48 inputs
+            router.train()(hidden[rows], mask[rows])
+        center = router.center.clone()
+        used[centered] = router.eval()(hidden, mask)[1].expert_idx.unique().numel()
+        assert torch.equal(router.center, center), "an evaluation forward must not move the running mean"
+    oracle = (summaries[:16].mean(0) + summaries[16:].mean(0)) / 2  # the mean of the two batch means
+    torch.testing.assert_close(center, oracle, msg="the running mean should average the batches seen so far")
+    assert used[False] == 1 and used[True] >= 2, f"experts used (uncentered, centered): {used}"
+    built = mept("llama")  # its probe runs in eval mode: no noise drawn, no running mean moved
+    assert all(p.router.seen == 0 for p in built.prompts.values()), "building MEPT moved a running mean"
+
+
 def noisy_choice_changes(form, scale, draws=100):
     """(mean top-1 probability, share of noisy training choices that differ from the evaluation choice) of a
     Router whose weights are scaled by `scale`: the larger the scale, the surer the router. form None: the default."""
@@ -311,6 +334,7 @@ def noisy_choice_changes(form, scale, draws=100):
     router = mept_module.Router(D, MEPTConfig(n_experts=E, top_k=1, **({"noise_form": form} if form else {})))
     router.proj.weight.data.mul_(scale)
     hidden, mask = torch.randn(64, T, D), torch.ones(64, T)
+    router.train()(hidden, mask)  # the running mean becomes this batch's, as it stays for every later call
     chosen = router.eval()(hidden, mask)[1]
     flips = [(router.train()(hidden, mask)[1].expert_idx != chosen.expert_idx).float().mean() for _ in range(draws)]
     return chosen.probs.max(-1).values.mean().item(), torch.stack(flips).mean().item()
@@ -344,6 +368,7 @@ def test_a_sure_deep_decoder_trains_on_its_evaluation_pathway():
         for prompts in model.prompts.values():
             prompts.router.proj.weight.data.mul_(1000)  # sure routers
         with torch.no_grad():
+            model.train()(ids, mask)  # the running means: of this batch
             model.eval()(ids, mask)
             evaluated = torch.cat([r.expert_idx for r in model.routing.values()], 1)  # (B, 24)
             sure = torch.stack([r.probs.max(-1).values.mean() for r in model.routing.values()]).mean()
@@ -601,6 +626,9 @@ def test_save_then_load_reproduces_outputs_exactly(family, tmp_path):
         for p in model.prompts.parameters():
             p.add_(torch.randn_like(p))
     ids, mask = batch()
+    with torch.no_grad():
+        run(model.train(), family, *batch(seed=5))  # the routers' running means move too
+    model.eval()
     expected = run(model, family, ids, mask)
     model.save_pretrained(tmp_path)
     model.remove()
@@ -617,7 +645,9 @@ def test_checkpoint_holds_only_trainable_weights_including_an_unfrozen_head(tmp_
     model.backbone.pooler.requires_grad_(True)  # what a task head inside the backbone does
     model.save_pretrained(tmp_path)
     saved = load_file(tmp_path / "mept_model.safetensors")
-    assert set(saved) == {n for n, p in model.named_parameters() if p.requires_grad}, "saved the wrong weights"
+    running_means = {n for n, _ in model.prompts.named_buffers("prompts")}  # the routers' center and seen
+    assert set(saved) == {n for n, p in model.named_parameters() if p.requires_grad} | running_means, \
+        "saved the wrong weights"
     assert any(k.startswith("backbone.pooler") for k in saved), "the unfrozen head was not saved"
     model.remove()
     loaded = MEPT.from_pretrained(tiny_backbone("bert"), tmp_path)
