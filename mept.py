@@ -1,18 +1,15 @@
 """
-MEPT: Mixture of Expert Prompt Tuning as a Manifold Mapper (Zeng et al., EMNLP 2025,
-https://arxiv.org/abs/2509.00996), in one file read top to bottom.
+MEPT: Mixture of Expert Prompt Tuning as a Manifold Mapper (Zeng et al., EMNLP 2025, arXiv 2509.00996), top to bottom.
 
-A pretrained transformer stays frozen. P prompt *slots* sit in its input sequence. At the entrance of every chosen block
-a linear *router* reads the hidden states of the real tokens, picks the top-K of E prompt *experts* (each P x D), mixes
-them (plus an always-on shared expert) and writes the mixture into the slots. Different inputs take different experts
-at different depths: a *pathway*. Only the experts, the routers and a task head the backbone holds (BERT's classifier)
-train.
+A pretrained transformer stays frozen; P prompt *slots* sit in its input. At the entrance of every chosen block a
+linear *router* reads the hidden states of the real tokens, picks the top-K of E prompt *experts* (each P x D), mixes
+them (plus an always-on shared expert) into the slots. Different inputs take different experts at different depths: a
+*pathway*. Only the experts, the routers and a task head the backbone holds (BERT's classifier) train.
 
-Supported backbones, each covered by test_mept.py:
+Supported backbones (each in test_mept.py; any other model runs through the same code or is refused in one sentence):
     seq2seq        T5 (v1.0, v1.1, mT5, Flan-T5): the encoder's blocks; the decoder is untouched
     encoders       BERT, RoBERTa, DeBERTa-v2, MiniLM, DistilBERT: the slots go right after [CLS]
     decoder-only   GPT-2, Llama, Qwen2, Mistral, Gemma, Phi (attention flagged causal): slots first
-Any other model either runs through the same code or is refused, when MEPT is built, in one sentence.
 
 Shapes:    B batch   T tokens (padding included; the mask marks the real ones)   L blocks
            E n_experts   K top_k   P prompt_len   D d_model, the width of the hidden states
@@ -64,13 +61,11 @@ class MEPTConfig:
         if any(type(v) not in (int, float) or not math.isfinite(v) or v < 0 for v in weights):
             raise ValueError(f"router_noise and balance_coef must be finite numbers >= 0 (0 = off), got {weights}.")
         for name, allowed in (("init", ("vocab", "random")), ("noise_form", ("additive", "paper")),
-                              ("same_start", (True, False)), ("shared_expert", (True, False)),
-                              ("router_center", (True, False))):
+                              *((flag, (True, False)) for flag in ("same_start", "shared_expert", "router_center"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
-        # block 0's prompt is inserted with the tokens: without block 0 there would be no slots
         if self.layers is not None and (0 not in self.layers or any(type(i) is not int or i < 0 for i in self.layers)):
-            raise ValueError(f"layers must be block indices that include 0, got {list(self.layers)}.")
+            raise ValueError(f"layers must be block indices with 0 (it inserts the slots), got {list(self.layers)}.")
         self.layers = None if self.layers is None else sorted(set(self.layers))
 
     @classmethod
@@ -101,8 +96,7 @@ def top_k_gate(logits, top_k):  # logits (B, E) -> gate (B, K), expert_idx (B, K
     return (*probs.topk(top_k, dim=-1), probs)
 
 
-def mean_over_processes(x):
-    """x itself, or under torchrun its mean over the processes (their batches are of equal size)."""
+def mean_over_processes(x):  # x itself, or under torchrun its mean over the processes (equal batches each)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(x.div_(torch.distributed.get_world_size()))
     return x
@@ -114,25 +108,22 @@ class Router(nn.Module):
         self.proj = nn.Linear(d_model, config.n_experts, bias=False)  # W_l: (E, D), no bias
         nn.init.orthogonal_(self.proj.weight)  # orthogonal rows: every expert starts equally reachable
         self.top_k, self.noise, self.noise_form = config.top_k, config.router_noise, config.noise_form
-        self.centered = config.router_center
-        self.register_buffer("center", torch.zeros(d_model))  # (D,): the running mean of the training summaries
-        self.register_buffer("seen", torch.zeros(()))  # the training batches averaged into it
+        self.register_buffer("center", torch.zeros(d_model) if config.router_center else None)  # (D,): the running
+        self.register_buffer("seen", torch.zeros(()) if config.router_center else None)  # mean and its batch count
 
     def forward(self, hidden, mask):  # hidden (B, T, D), mask (B, T) -> gate (B, K), Routing
         summary = summarize(hidden, mask)  # (B, D)
-        # Why center: the summaries of a frozen model share a large part (on SmolLM2 their mean over inputs is 3-6x
-        # what varies), and W_l times it is a hidden bias, the same for every input: at the start it sends most
-        # inputs to one expert, and each step that helps the chosen expert raises it for all: routing collapses.
-        # Less the mean of the training summaries, z_e - z_j averages 0 over them: no expert wins every input.
-        if self.training and self.centered:  # the mean of all batches so far, then of about the last 20
-            self.seen += 1
-            self.center.lerp_(mean_over_processes(summary.detach().mean(0)), (1 / self.seen).clamp(min=0.05))
-        logits = self.proj((summary - self.center).to(self.proj.weight.dtype)).float()  # (B, E): W_l (s - mean)
+        if self.center is not None:  # why: a frozen model's summaries share a large part (SmolLM2: 3-6x what varies)
+            # and W_l times it is a bias, the same for every input, that sends most to one expert and grows at each step
+            # that helps it: collapse. Centered, z_e - z_j averages 0 over training inputs: no expert wins them all
+            if self.training:  # the mean of all batches so far, then of about the last 20
+                self.seen += 1
+                self.center.lerp_(mean_over_processes(summary.detach().mean(0)), (1 / self.seen).clamp(min=0.05))
+            summary = summary - self.center  # (B, D)
+        logits = self.proj(summary.to(self.proj.weight.dtype)).float()  # (B, E): W_l s
         if self.training and self.noise > 0:  # eps ~ N(0, 1), drawn anew per input; no gradient flows into it
-            # additive (Shazeer et al. 2017): a jitter of fixed size flips the top-1 only while its margin is small,
-            # so a sure router is followed. The paper's (SMoP's) logits * (1 + sigma*eps) flips it as often however
-            # sure: for c > 0 the top-1 of c*z*(1 + sigma*eps) is that of z*(1 + sigma*eps). Over L blocks an input
-            # then trains on its own pathway (1 - flips)^L of the time: never, on a 30-block decoder
+            # additive (Shazeer et al. 2017): a fixed jitter flips the top-1 only while the margin is small, so a sure
+            # router is followed. The paper's z*(1 + sigma*eps) flips c*z as often for any c: at depth, no path holds
             scale = logits.detach() if self.noise_form == "paper" else 1.0  # the official code: sigma^2, same at 1
             logits = logits + self.noise * torch.randn_like(logits) * scale  # (B, E)
         gate, expert_idx, probs = top_k_gate(logits, self.top_k)  # (B, K), (B, K), (B, E)
@@ -145,19 +136,16 @@ def gather_experts(expert_pool, expert_idx, gate):
     """mixed_prompt[b] = sum_k gate[b, k] * expert_pool[expert_idx[b, k]], for every b and k at once.
 
     expert_pool (E, P, D), expert_idx (B, K) long, gate (B, K) -> mixed_prompt (B, P, D).
-
     Slot p of expert e is row e*P + p of the pool's E*P rows, so the P rows of expert e are one contiguous
     run: row e of the pool viewed as (E, P*D). ONE index_select fetches every example's K experts whole, and
     ONE batched matrix product (the gates as a (B, 1, K) row times the fetched (B, K, P*D)) weights them and
     sums over k. The same lines serve K = 1 and K > 1: no Python loop over B or K, no special case.
-
     Worked by hand: E=3, P=2, so the flat rows are [e0p0, e0p1, e1p0, e1p1, e2p0, e2p1].
       expert_idx = [[2, 0]], gate = [[0.7, 0.2]]                  (B=1, K=2)
       flat rows e*P+p = [[4, 5], [0, 1]], i.e. rows 2 and 0 of the (E, P*D) view
       picked          = [[e2p0 e2p1], [e0p0 e0p1]]                (1, 2, P*D)
       mixed_prompt[0] = 0.7 * [e2p0 e2p1] + 0.2 * [e0p0 e0p1]      (1, P*D), reshaped to (1, P, D)
-    Oracle: test_gather_matches_per_example_loop (a double loop). It copies B*K*P*D numbers whatever E
-    is; a dense mixture over all experts does B*E*P*D multiply-adds (experiments/bench_gather.py).
+    Oracle: a double loop (test_mept.py). It copies B*K*P*D numbers, a dense mixture does B*E*P*D multiply-adds.
     """
     n_experts, prompt_len, d_model = expert_pool.shape  # E, P, D
     batch, top_k = expert_idx.shape  # B, K
@@ -179,9 +167,8 @@ def insert_slots(offset, seq, slots):
 class ExpertPrompts(nn.Module):
     def __init__(self, config, embed):  # embed: the backbone's token embedding table, (vocabulary, D)
         super().__init__()
-        # init: sampled vocabulary rows (Lester et al.; PEFT's SAMPLE_VOCAB; MEPT's probe rescales the deeper
-        # pools), or N(0, 1), far off the embedding manifold. same_start: the E experts start as one copy (as
-        # sparse upcycling starts experts from one dense layer): an early flip of the router swaps nothing
+        # init: vocabulary rows (Lester et al.; the probe rescales deeper pools), or N(0, 1), off the manifold.
+        # same_start: E copies of one (as sparse upcycling starts experts): an early flip of the router swaps nothing
         E, P = config.n_experts, config.prompt_len
         pick = torch.randint(0, embed.num_embeddings, ((1 if config.same_start else E) * P,))  # (P,) or (E*P,)
         rows = embed.weight.detach()[pick.to(embed.weight.device)].float()  # (P or E*P, D)
@@ -232,8 +219,7 @@ def backbone_family(backbone):
     return "seq2seq" if backbone.config.is_encoder_decoder else "decoder" if any(causal) else "encoder"
 
 
-def parameters_line(module):
-    """PEFT's report: 'trainable params: N || all params: M || trainable%: X'."""
+def parameters_line(module):  # PEFT's report: 'trainable params: N || all params: M || trainable%: X'
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     total = sum(p.numel() for p in module.parameters())
     return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
@@ -261,8 +247,7 @@ class MEPT(nn.Module):
             # one block run again and again (shared weights), or each layer split over parallel lists
             raise UnsupportedBackbone(f"{name} has no one module per layer to hook ({len(self.blocks)} blocks in "
                                       f"{len(parallel)} parallel lists for {n_layers} layers); {INPUT_ONLY}.")
-        # an encoder's head reads position 0 ([CLS]): its slots go right after it; elsewhere they lead
-        self.slot_offset = 1 if self.family == "encoder" else 0
+        self.slot_offset = 1 if self.family == "encoder" else 0  # an encoder's head reads [CLS]: slots after it
         # a learned position table (BERT's, GPT-2's; RoBERTa's from padding_idx + 1) caps the length (rotary: none)
         pos = next((m for m in backbone.modules() if isinstance(m, nn.Embedding) and m is not embed and
                     m.num_embeddings == getattr(backbone.config, "max_position_embeddings", None)), None)
@@ -271,8 +256,7 @@ class MEPT(nn.Module):
         self._was_training, self._removed, self._calibrating = backbone.training, False, False
         self._token_mask, self.routing, self.aux_loss = None, {}, torch.zeros(())
         self.prompts = nn.ModuleDict({str(i): ExpertPrompts(self.config, embed) for i in self.layers})
-        # block 0 routes in forward(), every later block in a removable forward pre-hook (a partial of a bound
-        # method, not a closure, so that a deepcopy of MEPT gets hooks bound to the copy)
+        # block 0 routes in forward(), later blocks in removable forward pre-hooks (partials: a deepcopy rebinds them)
         self._handles = [self.blocks[i].register_forward_pre_hook(functools.partial(self._slot_hook, i),
                                                                   with_kwargs=True) for i in self.layers if i > 0]
         try:
@@ -288,11 +272,10 @@ class MEPT(nn.Module):
 
     @torch.no_grad()
     def _probe(self):
-        """Run the bare stack once on 16 random tokens, to refuse in one sentence what would fail deep inside or
-        give quietly wrong numbers: a stack that makes of inputs_embeds (what MEPT hands it) other than of ids;
-        an "encoder" whose position 0 ignores the later tokens (causal, unflagged); a routed block that never
-        runs through its module call. On the way, with init="vocab", the hook rescales each deeper pool to the
-        median row norm of its block's tokens (in post-LN encoders ~10x the embedding rows)."""
+        """Run the bare stack on 16 random tokens, to refuse in one sentence what would fail deep inside or give quietly
+        wrong numbers: a stack that makes of inputs_embeds (what MEPT hands it) other than of ids; an "encoder" whose
+        position 0 ignores later tokens (causal, unflagged); a routed block never run through its module call. With
+        init="vocab" the hook rescales each deeper pool to its block's median token norm (post-LN encoders: ~10x)."""
         name, embed = type(self.backbone).__name__, self.backbone.get_input_embeddings()
         stack = self.backbone.get_encoder() if self.family == "seq2seq" else self.backbone.base_model
         # ids from 2 up: no pad (0 or 1 in the supported configs), as some models number positions around pads
@@ -364,9 +347,8 @@ class MEPT(nn.Module):
 
     def _route(self, layer, tokens):
         """tokens (B, T, D) entering block `layer` -> the block's mixed prompt (B, P, D), in their dtype."""
-        mask = self._token_mask  # (B, T)
-        if mask.shape[0] != tokens.shape[0]:  # generate() with beams or samples repeats each input's row
-            mask = mask.repeat_interleave(tokens.shape[0] // mask.shape[0], dim=0)  # (B, T)
+        repeats = tokens.shape[0] // self._token_mask.shape[0]  # generate() with beams repeats each input's row
+        mask = self._token_mask.repeat_interleave(repeats, dim=0)  # (B, T)
         mixed_prompt, self.routing[layer] = self.prompts[str(layer)](tokens, mask)  # (B, P, D), Routing
         return mixed_prompt.to(tokens.dtype)
 
@@ -419,8 +401,8 @@ class MEPT(nn.Module):
         written under a temporary name and then renamed: a crash never leaves half a checkpoint."""
         os.makedirs(directory, exist_ok=True)
         path, config = os.path.join(directory, "mept_model.safetensors"), json.dumps(asdict(self.config))
-        named = [*((n, p) for n, p in self.named_parameters() if p.requires_grad), *self.prompts.named_buffers("prompts")]
-        tensors = {n: t.detach().contiguous().cpu() for n, t in named}  # the routers' running means too
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]  # + the routers' running means:
+        tensors = {n: t.detach().contiguous().cpu() for n, t in named + [*self.prompts.named_buffers("prompts")]}
         save_file(tensors, path + ".tmp", metadata={"mept_config": config, "family": self.family})
         os.replace(path + ".tmp", path)
 
@@ -430,14 +412,14 @@ class MEPT(nn.Module):
         path = os.path.join(directory, "mept_model.safetensors")
         with safe_open(path, framework="pt") as f:  # a FileNotFoundError, with the path, if there is none
             metadata = f.metadata()
-        model, tensors = cls(backbone, MEPTConfig(**json.loads(metadata["mept_config"]))), load_file(path)
+        config = {"router_center": False, **json.loads(metadata["mept_config"])}  # older files: uncentered routers
+        model, tensors = cls(backbone, MEPTConfig(**config)), load_file(path)
         expected, found = ({(n, tuple(p.shape)) for n, p in named if n.startswith("prompts.")}
                            for named in (model.state_dict().items(), tensors.items()))
         if metadata["family"] != model.family or found != expected:  # the slots would sit elsewhere, or not fit
             model.remove()
             raise ValueError(f"checkpoint in {directory} holds the prompts of another backbone ({metadata['family']}; "
-                             f"{sorted(found ^ expected)[:2]} differ from this {model.family}'s); load it onto the "
-                             "family, width and depth it was trained on.")
+                             f"{sorted(found ^ expected)[:2]} differ from this {model.family}'s); use the one it fits.")
         model.load_state_dict(tensors, strict=False)  # prompts, routers, and any head inside the backbone
         for name, p in model.named_parameters():
             p.requires_grad_(p.requires_grad or name in tensors)  # trainable when saved
@@ -456,9 +438,8 @@ class MEPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, **kwargs):
-        """The backbone's own generate(), the slots written once (by T5's encoder, or a decoder's first forward)
-        and every later step decoded from the key/value cache (the hooks skip calls shorter than P+T). Pad a
-        decoder's batch on the left and give max_new_tokens (max_length would count the P slots)."""
+        """The backbone's generate(), the slots written once (by T5's encoder or a decoder's first forward), later steps
+        read from the key/value cache. Pad a decoder's batch on the left; give max_new_tokens (max_length counts P)."""
         if kwargs.get("use_cache") is False and self.family == "decoder":
             raise ValueError("MEPT writes a decoder's slots once and decodes from the key/value cache; drop use_cache.")
         try:

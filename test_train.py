@@ -649,7 +649,7 @@ def test_bad_inputs_each_get_a_clear_message(tmp_path, data_dir, models):
         (["--task", "cb", "--prompt_len", "60"], "prompt_len 60 leaves no room within max_length 64"),
         (["--task", "cb", "--top_k", "5"], "impossible MEPT settings: .*top_k <= n_experts"),
         (["--task", "cb", "--layers", "0,7"], r"impossible MEPT settings: layers \[0, 7\] go beyond"),
-        (["--task", "cb", "--layers", "1,2"], "must be block indices that include 0"),
+        (["--task", "cb", "--layers", "1,2"], "must be block indices with 0"),
         (["--task", "axb"], "diagnostic without training data"),
         (["--task", "cb", "--eval_only", str(tmp_path)], "is no checkpoint of this script"),
         (["--task", "cb", "--resume"], "nothing to resume"),

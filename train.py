@@ -83,8 +83,7 @@ def build_parser():
     flag("--noise_form", choices=["additive", "paper"], default=None, help="the router noise: logits + sigma*eps "
          "(additive), or the paper's logits * (1 + sigma*eps), which flips a sure router as often as an unsure one")
     flag("--same_start", action=argparse.BooleanOptionalAction, default=None, help="a block's experts start alike")
-    flag("--router_center", action=argparse.BooleanOptionalAction, default=None, help="routers read the summary "
-         "minus its running mean over training inputs (on; off: the paper's router)")
+    flag("--router_center", action=argparse.BooleanOptionalAction, default=None, help="routers read centered inputs")
     flag("--shared_expert", action=argparse.BooleanOptionalAction, default=None, help="a shared expert (preset)")
     flag("--balance_coef", type=float, default=None, help="weight of the load-balancing loss (0.0)")
     flag("--init", choices=["vocab", "random"], default=None, help="the experts' init (vocab)")
@@ -111,8 +110,7 @@ def build_parser():
 
 
 # ---- The official metrics (the SuperGLUE paper; T5's and `evaluate`'s super_glue code) ---------------------------
-# preds and golds are class ids; ReCoRD's are entity strings
-def accuracy(preds, golds):
+def accuracy(preds, golds):  # preds and golds are class ids; ReCoRD's are entity strings
     return sum(p == g for p, g in zip(preds, golds)) / len(golds)
 
 
