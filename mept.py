@@ -45,7 +45,7 @@ class MEPTConfig:
     prompt_len: int = 10  # P: prompt slots in the sequence (paper: 10)
     top_k: int = 1  # K: experts mixed per input and block (paper: 1)
     layers: Optional[list] = None  # blocks that route; None = every block; must hold 0, the input
-    router_noise: float = 1.0  # sigma of the router noise, training only (0 = off); its form, Step 1:
+    router_noise: float = 0.1  # sigma of the router noise, training only (0 = off; the paper: 1.0); Step 1:
     noise_form: str = "additive"  # "additive": logits + sigma * eps; "paper": logits * (1 + sigma * eps)
     shared_expert: bool = True  # an always-on expert added to the mixture, zero at the start
     balance_coef: float = 0.0  # weight of the Switch load-balancing loss (beyond the paper; 0 = off)

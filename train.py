@@ -79,7 +79,7 @@ def build_parser():
     flag("--prompt_len", type=int, default=None, help="P, prompt slots (MEPTConfig: 10)")
     flag("--top_k", type=int, default=None, help="K, experts mixed per input and block (1)")
     flag("--layers", default=None, help="blocks that route: 'all' or a comma list with 0 (preset)")
-    flag("--router_noise", type=float, default=None, help="sigma of the router noise, 0 = off (1.0)")
+    flag("--router_noise", type=float, default=None, help="sigma of the router noise, 0 = off (0.1; the paper: 1.0)")
     flag("--noise_form", choices=["additive", "paper"], default=None, help="the router noise: logits + sigma*eps "
          "(additive), or the paper's logits * (1 + sigma*eps), which flips a sure router as often as an unsure one")
     flag("--same_start", action=argparse.BooleanOptionalAction, default=None, help="a block's experts start alike")

@@ -46,10 +46,12 @@ METHODS = {"head_only": ["--method", "head_only"], "prompt_tuning": ["--method",
            "finetune": ["--method", "finetune", "--backbone_lr", "2e-5"],
            "finetune_lr5e-5": ["--method", "finetune", "--backbone_lr", "5e-5"],  # RTE's budget search
            # MEPT's routing, one change at a time
-           "mept_paper": ["--method", "mept", "--noise_form", "paper", "--no-same_start"],  # the paper's recipe
+           "mept_paper": ["--method", "mept", "--noise_form", "paper", "--router_noise", "1", "--no-same_start",
+                          "--no-router_center"],  # the paper's recipe
+           "mept_noise1": ["--method", "mept", "--router_noise", "1"],  # centered, additive, sigma 1
            "mept_noise0": ["--method", "mept", "--router_noise", "0"],
            "mept_noise0.1": ["--method", "mept", "--router_noise", "0.1"],
-           "mept_uncentered": ["--method", "mept", "--no-router_center"],  # the previous default
+           "mept_uncentered": ["--method", "mept", "--no-router_center", "--router_noise", "1"],  # the last release's
            "mept_balance": ["--method", "mept", "--balance_coef", "0.01"],
            "mept_top2": ["--method", "mept", "--top_k", "2"], "mept_e8": ["--method", "mept", "--n_experts", "8"]}
 LABELS = {"mept": "mept (additive noise, same-start experts)", "mept_paper": "mept, the paper's noise and init",
