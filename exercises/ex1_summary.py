@@ -1,7 +1,8 @@
 """Exercise 1 (about 10 minutes): what the router reads.
 
 At the entrance of a block, MEPT's router scores the experts from ONE vector per input: the block's
-hidden states of the real tokens, each normalised, then averaged. Grade it with
+hidden states of the real tokens, each normalised, then averaged (the router then subtracts the running
+mean of these vectors over its training inputs: the walkthrough's section 7 shows why). Grade it with
     python -m pytest exercises/test_ex1_summary.py
 """
 
