@@ -308,8 +308,8 @@ def test_router_noise_acts_only_in_training_and_is_seeded():
 def test_a_centered_router_cannot_send_every_training_input_to_one_expert():
     """Summaries that share a large part (a frozen model's do: on SmolLM2 their mean over inputs is 3-6x what varies)
     give the bias-free router a hidden bias W_l * mean, the same for every input: uncentered, all 64 inputs take one
-    expert from the start. Less the running mean of the training summaries (the mean of the batches so far), each
-    logit averages 0 over those inputs, so no expert can win them all. Evaluation leaves the running mean alone."""
+    expert from the start. Less the running mean of the training summaries (the mean of the batch means), each
+    logit averages about 0 over those inputs, so no expert can win them all. Evaluation leaves the mean alone."""
     torch.manual_seed(0)
     hidden, mask = 3 * torch.randn(D) + torch.randn(64, T, D), torch.ones(64, T)  # (64, T, D): a shared part
     summaries = mept_module.summarize(hidden, mask)  # (64, D)
