@@ -5,6 +5,7 @@ This release (mept = routers that read centered summaries, additive router noise
     python experiments/results.py --backbone minilm --tasks cb --seeds 1 2 3 4 5 --methods mept deep_prompt
     python experiments/results.py --backbone smollm2 --tasks cb --seeds 1 2 3 --epochs 10 --methods mept
     python experiments/results.py --backbone smollm2 --tasks cb --seeds 1 --epochs 10 --methods mept_noise1
+    python experiments/results.py --backbone smollm2 --tasks cb --seeds 2 --epochs 10 --methods mept_noise0
     python experiments/noisy_paths.py runs/results/smollm2/cb/mept_seed1 \
         > runs/diagnostics/noisy_paths_smollm2_mept_seed1.txt                            # and seeds 2, 3
     python experiments/results.py --tasks cb,rte,wic --seeds 1 2 3 --epochs 3 --max_length 128 \
