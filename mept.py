@@ -123,7 +123,7 @@ class Router(nn.Module):
         logits = self.proj(summary.to(self.proj.weight.dtype)).float()  # (B, E): W_l s
         if self.training and self.noise > 0:  # eps ~ N(0, 1), drawn anew per input; no gradient flows into it
             # additive (Shazeer et al. 2017): a fixed jitter flips the top-1 only near a tie: a sure router is followed
-            # (sigma 1 slowed SmolLM2's fit; 0.1 did not). The paper's z*(1 + sigma*eps) flips c*z as often for any c
+            # (sigma 1 slowed SmolLM2's fit most). The paper's z*(1 + sigma*eps) flips as often however large z grows
             scale = logits.detach() if self.noise_form == "paper" else 1.0  # the official code: sigma^2, same at 1
             logits = logits + self.noise * torch.randn_like(logits) * scale  # (B, E)
         gate, expert_idx, probs = top_k_gate(logits, self.top_k)  # (B, K), (B, K), (B, E)
@@ -397,7 +397,7 @@ class MEPT(nn.Module):
         return dict(stored=stored, activated=activated, reduction_vs_deep_prompt=1 - activated / stored)
 
     def save_pretrained(self, directory):
-        """Every trainable parameter (prompts, routers, any head) as safetensors, the config in the same file,
+        """Every trainable parameter (prompts, routers, any head) and the routers' running means, the config inside,
         written under a temporary name and then renamed: a crash never leaves half a checkpoint."""
         os.makedirs(directory, exist_ok=True)
         path, config = os.path.join(directory, "mept_model.safetensors"), json.dumps(asdict(self.config))
@@ -419,7 +419,7 @@ class MEPT(nn.Module):
         if metadata["family"] != model.family or found != expected:  # the slots would sit elsewhere, or not fit
             model.remove()
             raise ValueError(f"checkpoint in {directory} holds the prompts of another backbone ({metadata['family']}; "
-                             f"{sorted(found ^ expected)[:2]} differ from this {model.family}'s); use the one it fits.")
+                             f"{sorted(found ^ expected)[:2]} differ from this {model.family}'s); load it on its own.")
         model.load_state_dict(tensors, strict=False)  # prompts, routers, and any head inside the backbone
         for name, p in model.named_parameters():
             p.requires_grad_(p.requires_grad or name in tensors)  # trainable when saved

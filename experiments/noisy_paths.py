@@ -49,9 +49,13 @@ def main():
     batch = train.collate(groups, pad_id, "cpu")  # right padding, as in train.py
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
 
+    means = {n: b.clone() for n, b in model.named_buffers() if n.startswith("prompts.")}  # the routers' running means
+
     def pathways():  # {block: (N,) the top expert of each input}
         with torch.no_grad():
             model(**inputs)
+            for name, mean in means.items():  # a training forward moves the running means: every pass from the same
+                model.get_buffer(name).copy_(mean)
         return {int(i): r.expert_idx[:, 0].clone() for i, r in model.routing.items()}
     model.eval()
     clean = pathways()
